@@ -1,0 +1,75 @@
+"""Build the C → B → A cascade sampler from a pipeline directory's exports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from torch import nn
+
+from models.cascade import CascadeSampler
+from train.config import CONFIG_DIR
+from train.export import build_from_config, load_network, require_export
+
+
+def load_text_encoder(export_dir: Path) -> nn.Module:
+    """The text encoder a stage trained with: saved weights (random-init tiny encoders) or its
+    pretrained name/path from ``text_encoder_config.json``."""
+    if (export_dir / "text_encoder.safetensors").is_file():
+        return load_network(export_dir, "text_encoder")
+    config_path = export_dir / "text_encoder_config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{export_dir} has no text_encoder_config.json: re-export the stage with this version of wurst"
+        )
+    return build_from_config(json.loads(config_path.read_text()))
+
+
+def sampler_config(name_or_path: str = "paper") -> dict[str, Any]:
+    """A ``conf/sampler/<name>.yaml`` (or a yaml path) as a plain dict without Hydra keys."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = Path(CONFIG_DIR) / "sampler" / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (Path(CONFIG_DIR) / "sampler").glob("*.yaml"))
+        raise FileNotFoundError(f"sampler config {name_or_path!r} not found; use one of {known} or a yaml path")
+    cfg = OmegaConf.load(path)
+    merged = OmegaConf.create()
+    for parent in cfg.get("defaults", []):
+        if parent != "_self_":
+            merged = OmegaConf.merge(merged, OmegaConf.create(sampler_config(str(parent))))
+    cfg = OmegaConf.merge(merged, {k: v for k, v in cfg.items() if k != "defaults"})
+    return {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if not k.startswith("_")}
+
+
+def load_cascade(
+    pipeline_dir: str | Path,
+    sampler: str | dict[str, Any] = "paper",
+    stage_c: nn.Module | None = None,
+    text_encoder_c: nn.Module | None = None,
+    device: str = "cpu",
+    **overrides: Any,
+) -> CascadeSampler:
+    """Stage A from stage_a/export, Stage B + its text encoder from stage_b/export, Stage C + its text
+    encoder from stage_c/export (or the given ``stage_c``, for previews during Stage C training)."""
+    pipeline_dir = Path(pipeline_dir)
+    a_dir = require_export(pipeline_dir / "stage_a" / "export", "a", why="the cascade decodes with Stage A")
+    b_dir = require_export(pipeline_dir / "stage_b" / "export", "b", why="the cascade decodes with Stage B")
+    settings = sampler_config(sampler) if isinstance(sampler, str) else dict(sampler)
+    settings.update(overrides)
+    if stage_c is None:
+        c_dir = require_export(pipeline_dir / "stage_c" / "export", "c", why="the cascade starts from Stage C")
+        stage_c = load_network(c_dir).to(device)
+        text_encoder_c = load_text_encoder(c_dir).to(device)
+    elif text_encoder_c is None:
+        raise ValueError("load_cascade: pass text_encoder_c together with stage_c")
+    return CascadeSampler(
+        stage_c=stage_c,
+        stage_b=load_network(b_dir).to(device),
+        stage_a=load_network(a_dir).to(device),
+        text_encoder_c=text_encoder_c,
+        text_encoder_b=load_text_encoder(b_dir).to(device),
+        **settings,
+    )

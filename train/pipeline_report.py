@@ -1,0 +1,71 @@
+"""The end of a pipeline run: a grid of cascade samples for fixed prompts, the color check on the
+tiny pipeline, the carbon ledger, and where everything is."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torchvision.utils import make_grid, save_image
+
+from train.cascade_loading import load_cascade
+
+log = logging.getLogger(__name__)
+
+
+def sample_grid(pipeline_dir: Path, prompts: list[str], sampler: str, size: int, per_prompt: int = 4,
+                seed: int = 0) -> Path:
+    """Rows: prompts; columns: seeds. Written to ``<pipeline_dir>/samples.png``."""
+    cascade = load_cascade(pipeline_dir, sampler=sampler, progress=False)
+    rows = []
+    for i, prompt in enumerate(prompts):
+        generators = [torch.Generator().manual_seed(seed + 1000 * i + j) for j in range(per_prompt)]
+        rows.append(cascade([prompt] * per_prompt, size, size, generator=generators))
+    path = pipeline_dir / "samples.png"
+    save_image(make_grid(torch.cat(rows), nrow=per_prompt, padding=2), path)
+    return path
+
+
+def report_pipeline(cfg: DictConfig, result: dict[str, Any]) -> dict[str, Any]:
+    pipeline_dir = Path(result["pipeline_dir"])
+    report = cfg.pipeline.get("report", {})
+    sampler = report.get("sampler", "tiny")
+    size = int(report.get("size", 128))
+    lines = [f"pipeline {cfg.pipeline.name}: {pipeline_dir}"]
+    grid = sample_grid(pipeline_dir, list(cfg.samples_prompts), sampler, size)
+    lines.append(f"  sample grid      {grid}")
+    summary: dict[str, Any] = {"sample_grid": str(grid)}
+    if report.get("color_check", False):
+        from train.color_fidelity import color_fidelity
+
+        check = color_fidelity(pipeline_dir, per_color=int(report.get("per_color", 2)), size=size, sampler=sampler)
+        summary["color_check"] = check
+        (pipeline_dir / "color_check.json").write_text(json.dumps(check, indent=2))
+        lines.append(
+            f"  color check      background color right in {check['background_color_accuracy']:.0%} of "
+            f"{check['images']} images (chance {check['chance']:.0%})"
+        )
+    try:
+        from train.accounting.pipeline import pipeline_table
+
+        table = pipeline_table(pipeline_dir)
+        (pipeline_dir / "ledger.md").write_text(table + "\n")
+        lines.append(f"  carbon ledger    {pipeline_dir / 'ledger.md'}")
+        summary["ledger"] = str(pipeline_dir / "ledger.md")
+    except ImportError:
+        pass
+    for stage in ("a", "b", "c"):
+        stage_dir = pipeline_dir / f"stage_{stage}"
+        if stage_dir.is_dir():
+            lines.append(f"  stage {stage.upper()}          export {stage_dir / 'export'}  logs {stage_dir / 'logs'}")
+    lines.append(f"  generate more    wurst-generate {pipeline_dir} --prompt \"a red circle on a blue background\"")
+    print("\n".join(lines))
+    manifest_path = pipeline_dir / "pipeline.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    manifest["report"] = summary
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    return summary

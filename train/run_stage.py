@@ -1,0 +1,228 @@
+"""One stage run, top to bottom: check inputs, build trainer, data, module; fit; export.
+
+Everything that can be wrong with the inputs (a missing hand-off export, an indivisible batch, a bad
+``init_from``) is checked before a network or a data worker is built.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra.utils
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from train.batching import per_device_batch_size
+from train.checkpointing import AtomicCheckpointIO, PeriodicCheckpoint, find_resume_checkpoint
+from train.diffusion_module import network_config
+from train.export import (
+    git_revision,
+    require_export,
+    write_network,
+    write_provenance,
+)
+
+log = logging.getLogger(__name__)
+
+STAGES = ("a", "b", "c")
+
+
+def plain(cfg: Any) -> Any:
+    """A resolved plain-Python copy of a config node (checkpoints and JSON take only these)."""
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+
+
+def check_stage_inputs(cfg: DictConfig) -> None:
+    """Hand-off checks (DESIGN.md): Stage B needs Stage A's export, Stage C Stage B's compressor."""
+    stage = cfg.stage.name
+    if stage not in STAGES:
+        raise ValueError(f"stage.name={stage!r}: use one of {STAGES}")
+    module = cfg.stage.module
+    if stage == "b":
+        require_export(module.stage_a_export, "a", why="Stage B trains on Stage A latents")
+    if stage == "c" and module.get("compressor_export") is not None and not cfg.data.get("cached", False):
+        require_export(module.compressor_export, "b", name="compressor", why="Stage C needs the frozen compressor")
+    init = cfg.get("init_from")
+    if init:
+        path = Path(init["path"])
+        mode = init.get("mode", "weights")
+        if mode == "weights":
+            require_export(path, stage, why="init_from (weights) points at a previous phase's export")
+        elif mode == "full":
+            if not path.is_file():
+                raise FileNotFoundError(f"init_from.path={path} (mode full) must be a .ckpt file; it does not exist")
+        else:
+            raise ValueError(f"init_from.mode={mode!r}: use 'weights' (an export dir) or 'full' (a .ckpt file)")
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    loggers: list = []
+    if cfg.logger.get("csv", True):
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="logs", version=""))
+    wb = cfg.logger.get("wandb", {})
+    if wb.get("enabled", False):
+        mode = wb.get("mode", "auto")
+        if mode == "auto":
+            mode = "online" if _wandb_logged_in() else "offline"
+        if mode != "disabled":
+            id_file = run_dir / "wandb_id.txt"
+            run_id = id_file.read_text().strip() if id_file.is_file() else None
+            logger = WandbLogger(
+                project=wb.get("project", "wurst"), entity=wb.get("entity"), save_dir=str(run_dir), mode=mode,
+                id=run_id, resume="allow", name=f"{cfg.group}/{cfg.phase}",
+            )
+            loggers.append(logger)
+    return loggers
+
+
+def _wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path.home() / ".netrc"
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list) -> L.Trainer:
+    trainer_cfg = plain(cfg.trainer)
+    if cfg.stage.name == "a":
+        # Stage A optimises manually (generator + discriminator): Lightning must not clip for it.
+        trainer_cfg.pop("gradient_clip_val", None)
+        trainer_cfg.pop("gradient_clip_algorithm", None)
+    return hydra.utils.instantiate(
+        trainer_cfg,
+        default_root_dir=str(run_dir),
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=[AtomicCheckpointIO()],
+        accumulate_grad_batches=int(cfg.accumulate_grad_batches),
+        _convert_="all",
+    )
+
+
+def build_module(cfg: DictConfig) -> L.LightningModule:
+    module_cfg = plain(cfg.stage.module)
+    cls = hydra.utils.get_class(module_cfg.pop("_target_"))
+    with torch.device("cpu"):
+        module = cls(**module_cfg)
+    if cfg.get("gradient_checkpointing"):
+        module.network.gradient_checkpointing = True
+    return module
+
+
+def apply_init_from(cfg: DictConfig, module: L.LightningModule) -> None:
+    init = cfg.get("init_from")
+    if not init:
+        return
+    from safetensors.torch import load_file
+
+    path = Path(init["path"])
+    if init.get("mode", "weights") == "weights":
+        state = load_file(str(path / "model.safetensors"))
+        module.network.load_state_dict(state)
+        if getattr(module, "ema", None) is not None:
+            module.ema.shadow.load_state_dict(state)
+        extra = path / "compressor.safetensors"
+        if cfg.stage.name == "b" and extra.is_file():
+            module.compressor.load_state_dict(load_file(str(extra)))
+    else:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        module.load_state_dict(ckpt["state_dict"])
+    log.info("initialised from %s (%s)", path, init.get("mode", "weights"))
+
+
+def resolve_resume(cfg: DictConfig, run_dir: Path) -> str | None:
+    resume = cfg.get("resume")
+    if resume in (None, False, "none", "null"):
+        return None
+    if resume == "auto":
+        found = find_resume_checkpoint(run_dir / "checkpoints")
+        hpc = find_resume_checkpoint(run_dir)  # Lightning's SLURM hpc_ckpt_*.ckpt land in the root dir
+        candidates = [p for p in (found, hpc) if p is not None]
+        if not candidates:
+            return None
+        return str(max(candidates, key=lambda p: p.stat().st_mtime_ns))
+    path = Path(str(resume))
+    if not path.is_file():
+        raise FileNotFoundError(f"resume={path} does not exist; use resume=auto, resume=null or a .ckpt path")
+    return str(path)
+
+
+def export_stage(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, run_dir: Path,
+                 extra_provenance: dict[str, Any]) -> Path:
+    export_dir = run_dir / "export"
+    write_network(export_dir, "model", module.export_network(), network_config(plain(cfg.stage.module.network)))
+    for name, (net, net_cfg) in getattr(module, "export_networks", dict)().items():
+        write_network(export_dir, name, net, network_config(net_cfg))
+    text_encoder = getattr(module, "text_encoder", None)
+    if text_encoder is not None:
+        te_cfg = network_config(plain(cfg.stage.module.text_encoder))
+        if te_cfg.get("pretrained"):
+            (export_dir / "text_encoder_config.json").write_text(json.dumps(te_cfg, indent=2))
+        else:  # randomly initialised (tiny) encoders must travel with their weights
+            write_network(export_dir, "text_encoder", text_encoder, te_cfg)
+    params = sum(p.numel() for p in module.export_network().parameters())
+    provenance = {
+        "stage": cfg.stage.name,
+        "phase": cfg.phase,
+        "group": cfg.group,
+        "git_revision": git_revision(),
+        "steps": int(trainer.global_step),
+        "params": int(params),
+        "config": plain(cfg),
+        **extra_provenance,
+    }
+    write_provenance(export_dir, provenance)
+    return export_dir
+
+
+def train_stage(cfg: DictConfig) -> dict[str, Any]:
+    """Trains ``cfg.stage`` into ``cfg.run_dir``; returns the final metrics."""
+    from train.data_module import build_train_loader
+
+    if cfg.get("stage") is None:
+        raise ValueError("no stage selected: pass stage=a|b|c or an experiment that selects one")
+    check_stage_inputs(cfg)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    from train.callbacks import build_callbacks
+
+    callbacks = build_callbacks(cfg, run_dir)
+    callbacks.append(PeriodicCheckpoint(run_dir / "checkpoints", int(cfg.checkpoint_every), int(cfg.keep_checkpoints)))
+    loggers = build_loggers(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir, callbacks, loggers)
+    batch = per_device_batch_size(int(cfg.data.global_batch_size), trainer.world_size, int(cfg.accumulate_grad_batches))
+    loader, data_info = build_train_loader(cfg, batch, rank=trainer.global_rank, world_size=trainer.world_size)
+
+    module = build_module(cfg)
+    apply_init_from(cfg, module)
+    if cfg.get("compile"):
+        module.network = torch.compile(module.network)
+    for lg in loggers:
+        if hasattr(lg, "experiment") and lg.__class__.__name__ == "WandbLogger" and trainer.is_global_zero:
+            (run_dir / "wandb_id.txt").write_text(lg.experiment.id)
+    ckpt_path = resolve_resume(cfg, run_dir)
+    if ckpt_path:
+        log.info("resuming from %s", ckpt_path)
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path, weights_only=True)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    if trainer.is_global_zero:
+        extra = {"metrics": metrics, **data_info}
+        for cb in callbacks:
+            if hasattr(cb, "provenance"):
+                extra.update(cb.provenance())
+        export_dir = export_stage(cfg, trainer, module, run_dir, extra)
+        log.info("Stage %s export: %s", cfg.stage.name.upper(), export_dir)
+    return metrics

@@ -1,0 +1,142 @@
+"""Stage A: the f4 VQGAN (paper §3, Stage A; "a standard VQGAN", REFERENCE.md).
+
+Losses: reconstruction (L1 or L2) + VQ codebook/commitment + optional perceptual, and after
+``disc_start`` steps a PatchGAN hinge loss whose weight adapts to the ratio of reconstruction and
+adversarial gradient norms at the decoder's last layer (Esser et al., Taming Transformers).
+Two optimisers (autoencoder, discriminator), so optimisation is manual.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from models.patch_discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
+from train.diffusion_module import instantiate_network, seed_step
+from train.ema import EMA
+from train.recipe import build_optimizer, linear_warmup
+
+
+class StageAModule(L.LightningModule):
+    def __init__(
+        self,
+        network: Mapping[str, Any],
+        optim: Mapping[str, Any],
+        discriminator: Mapping[str, Any],
+        ema: Mapping[str, Any] | None = None,
+        reconstruction: str = "l1",
+        vq_weight: float = 1.0,
+        perceptual_weight: float = 0.0,
+        perceptual_weights: str | None = "imagenet",
+        disc_start: int = 1000,
+        disc_weight: float = 0.5,
+        disc_lr: float | None = None,
+        grad_clip: float | None = 1.0,
+        seed: int = 0,
+        log_every: int = 10,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        if reconstruction not in ("l1", "l2"):
+            raise ValueError(f"stage.reconstruction={reconstruction!r}: use 'l1' or 'l2'")
+        self.network = instantiate_network(network)
+        self.discriminator = PatchDiscriminator(**dict(discriminator))
+        self.optim_cfg = dict(optim)
+        self.perceptual = None
+        if perceptual_weight > 0:
+            from models.perceptual import PerceptualLoss
+
+            self.perceptual = PerceptualLoss(perceptual_weights)
+        self.ema = (
+            EMA(self.network, int(ema["start"]), int(ema["every"]), float(ema["beta"]))
+            if ema and ema.get("enabled", True) else None
+        )
+        self.seed = seed
+
+    def configure_optimizers(self):
+        opt_ae = build_optimizer([{"params": self.network.parameters()}], self.optim_cfg)
+        disc_cfg = dict(self.optim_cfg)
+        if self.hparams.disc_lr is not None:
+            disc_cfg["lr"] = self.hparams.disc_lr
+        opt_d = build_optimizer([{"params": self.discriminator.parameters()}], disc_cfg)
+        warmup = int(self.optim_cfg.get("warmup_steps", 0))
+        return [opt_ae, opt_d], [linear_warmup(opt_ae, warmup), linear_warmup(opt_d, warmup)]
+
+    def last_layer_weight(self) -> torch.Tensor:
+        convs = [m for m in self.network.modules() if isinstance(m, torch.nn.Conv2d)]
+        return convs[-1].weight
+
+    def adaptive_weight(self, rec_loss: torch.Tensor, g_loss: torch.Tensor) -> torch.Tensor:
+        last = self.last_layer_weight()
+        rec_grad = torch.autograd.grad(rec_loss, last, retain_graph=True)[0]
+        g_grad = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
+        weight = rec_grad.norm() / (g_grad.norm() + 1e-4)
+        return weight.clamp(0.0, 1e4).detach() * self.hparams.disc_weight
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        seed_step(self.seed, self.trainer.fit_loop.epoch_loop.batch_progress.total.ready, self.global_rank)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        images = batch["images"]
+        opt_ae, opt_d = self.optimizers()
+        sched_ae, sched_d = self.lr_schedulers()
+        # Lightning's global_step counts every optimizer.step() (generator and discriminator), so
+        # the schedule here runs on the number of training batches instead.
+        step = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready - 1
+        adversarial = step >= self.hparams.disc_start
+
+        recon, vq_loss, indices = self.network(images)
+        if self.hparams.reconstruction == "l1":
+            rec_loss = F.l1_loss(recon, images)
+        else:
+            rec_loss = F.mse_loss(recon, images)
+        if self.perceptual is not None:
+            p_loss = self.perceptual(recon, images)
+            rec_loss = rec_loss + self.hparams.perceptual_weight * p_loss
+            self.log("train/perceptual_loss", p_loss, batch_size=images.shape[0])
+        loss = rec_loss + self.hparams.vq_weight * vq_loss
+        if adversarial:
+            g_loss = hinge_g_loss(self.discriminator(recon))
+            d_weight = self.adaptive_weight(rec_loss, g_loss)
+            loss = loss + d_weight * g_loss
+            self.log("train/g_loss", g_loss, batch_size=images.shape[0])
+        opt_ae.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.hparams.grad_clip:
+            self.clip_gradients(opt_ae, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+        opt_ae.step()
+        sched_ae.step()
+
+        if adversarial:
+            d_loss = hinge_d_loss(self.discriminator(images), self.discriminator(recon.detach()))
+            opt_d.zero_grad(set_to_none=True)
+            self.manual_backward(d_loss)
+            opt_d.step()
+            sched_d.step()
+            self.log("train/d_loss", d_loss, batch_size=images.shape[0])
+
+        if self.ema is not None:
+            self.ema.update(self.network, step + 1)
+        self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
+        self.log("train/rec_loss", rec_loss, prog_bar=True, batch_size=images.shape[0])
+        self.log("train/vq_loss", vq_loss, batch_size=images.shape[0])
+        if step % 10 == 0:
+            perplexity, dead = self.network.codebook_usage(indices)
+            self.log("train/codebook_perplexity", perplexity, batch_size=images.shape[0])
+            self.log("train/codebook_dead_fraction", dead, batch_size=images.shape[0])
+
+    @torch.no_grad()
+    def preview(self, batch: Mapping[str, Any], prompts: list[str]) -> torch.Tensor:
+        """Originals (top row) over their quantized reconstructions by the export network."""
+        images = batch["images"]
+        recon = self.export_network()(images)[0]
+        return torch.cat([images, recon.clamp(0, 1)])
+
+    def export_network(self) -> torch.nn.Module:
+        return self.ema.shadow if self.ema is not None else self.network
+

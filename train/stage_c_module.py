@@ -1,0 +1,108 @@
+"""Stage C: the text-conditional prior on frozen semantic-compressor latents (paper §3, Stage C).
+
+Targets are the compressor's BatchNorm output z mapped to the v2 normalised space (z + 1) / 42
+(REFERENCE.md hand-offs); the compressor comes frozen from Stage B's export. Text conditioning is
+CLIP-bigG per-token hidden states; 5% of batches see the empty caption instead (classifier-free
+guidance dropout). Batches either carry images (``compressor_images``) or cached encoder outputs
+(``compressor_latents`` and ``text_hidden``, written by ``wurst-data cache``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from train.diffusion_module import DiffusionStageModule, instantiate_network
+from train.export import load_network, require_export
+
+
+class StageCModule(DiffusionStageModule):
+    def __init__(
+        self,
+        network: Mapping[str, Any],
+        text_encoder: Mapping[str, Any],
+        optim: Mapping[str, Any],
+        ema: Mapping[str, Any] | None,
+        diffusion: Mapping[str, Any],
+        compressor_export: str | None = None,
+        text_dropout: float = 0.05,
+        latent_mean: float = 42.0,
+        latent_std: float = 1.0,
+        seed: int = 0,
+        log_every: int = 10,
+    ):
+        super().__init__(optim=optim, ema=ema, diffusion=diffusion, log_every=log_every, seed=seed)
+        self.save_hyperparameters()
+        # Hand-off checks first: a missing compressor stops us before any network is built.
+        self.compressor = None
+        if compressor_export is not None:
+            require_export(compressor_export, "b", name="compressor", why="Stage C trains on its frozen compressor")
+            self.compressor = load_network(Path(compressor_export), "compressor").eval().requires_grad_(False)
+        self.text_encoder = instantiate_network(text_encoder)
+        self.text_encoder.eval().requires_grad_(False)
+        self.network = instantiate_network(network)
+        self.text_dropout = float(text_dropout)
+        self.latent_mean, self.latent_std = float(latent_mean), float(latent_std)
+        self.compressor_export = compressor_export
+        self.init_ema()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # Frozen encoders stay in eval mode (BatchNorm statistics, dropout).
+        for frozen in (self.compressor, self.text_encoder):
+            if frozen is not None:
+                frozen.eval()
+        return self
+
+    def latents_to_target(self, z: torch.Tensor) -> torch.Tensor:
+        """Compressor output z → the space Stage C models: (z + latent_std) / latent_mean."""
+        return (z + self.latent_std) / self.latent_mean
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        return self.text_encoder(captions)[0]
+
+    def diffusion_inputs(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, Any], int]:
+        if "compressor_latents" in batch:
+            z = batch["compressor_latents"].float()
+        elif "compressor_images" in batch:
+            if self.compressor is None:
+                raise RuntimeError(
+                    "Stage C got images but has no compressor: set stage.compressor_export to a Stage B "
+                    "export (wurst-train stage=b) or train from cached shards (wurst-data cache)"
+                )
+            with torch.no_grad():
+                z = self.compressor(batch["compressor_images"]).float()
+        else:
+            raise KeyError("a Stage C batch needs 'compressor_latents' (cached shards) or 'compressor_images'")
+        batch_size = z.shape[0]
+        drop = torch.rand(()).item() < self.text_dropout  # per batch; the RNG is seeded per step
+        captions = list(batch["captions"])
+        if drop:
+            text = self.encode_text([""] * batch_size)
+        elif "text_hidden" in batch:
+            text = batch["text_hidden"].float()
+        else:
+            text = self.encode_text(captions)
+        x0 = self.latents_to_target(z)
+        return x0, {"c": text.to(x0.dtype)}, batch_size
+
+    @torch.no_grad()
+    def preview(self, batch: Mapping[str, Any], prompts: list[str]) -> torch.Tensor | None:
+        """Cascade samples for ``prompts`` through this Stage C and the pipeline's Stage B and A."""
+        if self.compressor_export is None:
+            return None
+        pipeline_dir = Path(self.compressor_export).parent.parent
+        if not (pipeline_dir / "stage_a" / "export" / "model.safetensors").is_file():
+            return None
+        from train.cascade_loading import load_cascade
+
+        cascade = load_cascade(pipeline_dir, sampler="tiny", stage_c=self.export_network(),
+                               text_encoder_c=self.text_encoder, progress=False)
+        size = round(batch["compressor_images"].shape[-1] * 4 / 3) if "compressor_images" in batch else 128
+        size = max(128, size - size % 128)
+        generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+        return cascade(prompts, size, size, generator=generators)
