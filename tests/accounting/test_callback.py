@@ -44,13 +44,16 @@ def test_defaults_are_the_papers_grid_and_pue():
 
 
 class _Regression(pl.LightningModule):
-    def __init__(self, samples_per_step: int | None = None) -> None:
+    def __init__(self, samples_per_step: int | None = None, fail_at_batch: int | None = None) -> None:
         super().__init__()
         self.layer = nn.Linear(2, 1)
+        self.fail_at_batch = fail_at_batch
         if samples_per_step is not None:
             self.samples_per_step = samples_per_step
 
     def training_step(self, batch, batch_idx):
+        if batch_idx == self.fail_at_batch:
+            raise RuntimeError("training failed on purpose")
         x, y = batch
         return nn.functional.mse_loss(self.layer(x), y)
 
@@ -93,3 +96,13 @@ def test_device_watts_sets_the_energy(tmp_path):
     ledger = callback.finalize()
     assert ledger.power_source == "configured"
     assert ledger.energy_kwh == pytest.approx(ledger.device_hours * 0.36, rel=1e-3)
+
+
+def test_a_failed_fit_keeps_the_figures_up_to_the_failure(tmp_path):
+    callback = CarbonLedger()
+    with pytest.raises(RuntimeError, match="on purpose"):
+        _fit(_Regression(fail_at_batch=3), callback, tmp_path)
+    ledger = callback.finalize()
+    assert (ledger.steps, ledger.samples, ledger.segments) == (3, 15, 1)
+    assert ledger.device_hours > 0
+    assert callback.state_dict()["ledger"]["samples"] == 15  # what an on-exception checkpoint would hold

@@ -141,9 +141,9 @@ class CarbonLedger(pl.Callback):
             segment.local_samples += batch_size_of(batch)
         every = self.log_every_n_steps or trainer.log_every_n_steps
         step = trainer.global_step
-        if step != segment.last_logged_step and step % every == 0:
+        if trainer.is_global_zero and step != segment.last_logged_step and step % every == 0:
             segment.last_logged_step = step
-            self._log(trainer, self._running_estimate(trainer, pl_module))
+            self._log(trainer, self._prior.add(self._estimate_segment(trainer, pl_module)))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._segment is not None:
@@ -157,6 +157,13 @@ class CarbonLedger(pl.Callback):
         self._prior = ledger  # a further fit() on this trainer continues from here
         self._log(trainer, ledger)
         rank_zero_info(f"[accounting] {describe(ledger)}")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Other ranks may not reach this hook, so no collective: this rank's share × world size stands in
+        # for the segment (what an OnExceptionCheckpoint saves next), and later state_dict calls gather nothing.
+        if self._segment is not None:
+            self._ledger = self._prior = self._prior.add(self._estimate_segment(trainer, pl_module))
+            self._segment = None
 
     # -- checkpoint state ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -213,34 +220,39 @@ class CarbonLedger(pl.Callback):
         self._ledger = self._prior.add(this_segment)
         return self._ledger
 
-    def _running_estimate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-        """Figures for the loggers between gathers: this rank's share × world size (no collective)."""
+    def _estimate_segment(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Ledger:
+        """This segment as this rank's share × world size: no collective (for logs between gathers)."""
         segment = self._segment
         assert segment is not None
         elapsed = time.monotonic() - segment.start
         world = trainer.world_size
-        per_step = _samples_per_step(pl_module)
         steps = trainer.global_step - segment.start_step
-        samples = segment.local_samples * world if per_step is None else steps * per_step
+        per_step = _samples_per_step(pl_module)
         energy = segment.meter.joules() * world / 3.6e6
-        return {
-            "accounting/device_hours": self._prior.device_hours + elapsed * world / 3600,
-            "accounting/energy_kwh": self._prior.energy_kwh + energy,
-            "accounting/co2_kg": self._prior.co2_kg + co2_kg(energy, self.pue, self.carbon_intensity_kg_per_kwh),
-            "accounting/samples": float(self._prior.samples + samples),
-            "accounting/samples_per_s": samples / elapsed if elapsed > 0 else 0.0,
-        }
+        return Ledger(
+            device_hours=elapsed * world / 3600,
+            wall_hours=elapsed / 3600,
+            energy_kwh=energy,
+            co2_kg=co2_kg(energy, self.pue, self.carbon_intensity_kg_per_kwh),
+            samples=segment.local_samples * world if per_step is None else steps * per_step,
+            steps=steps,
+            pue=self.pue,
+            carbon_intensity_kg_per_kwh=self.carbon_intensity_kg_per_kwh,
+            device_name=segment.meter.device_name,
+            power_source=segment.meter.power_source,
+            world_size=world,
+            segments=1,
+        )
 
-    def _log(self, trainer: pl.Trainer, figures: Ledger | dict[str, float]) -> None:
-        if isinstance(figures, Ledger):
-            figures = {
-                "accounting/device_hours": figures.device_hours,
-                "accounting/energy_kwh": figures.energy_kwh,
-                "accounting/co2_kg": figures.co2_kg,
-                "accounting/samples": float(figures.samples),
-                "accounting/samples_per_s": figures.samples_per_s or 0.0,
-            }
+    def _log(self, trainer: pl.Trainer, ledger: Ledger) -> None:
         if trainer.is_global_zero:
+            figures = {
+                "accounting/device_hours": ledger.device_hours,
+                "accounting/energy_kwh": ledger.energy_kwh,
+                "accounting/co2_kg": ledger.co2_kg,
+                "accounting/samples": float(ledger.samples),
+                "accounting/samples_per_s": ledger.samples_per_s or 0.0,
+            }
             for logger in trainer.loggers:
                 logger.log_metrics(figures, step=trainer.global_step)
 
