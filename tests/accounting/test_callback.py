@@ -90,6 +90,14 @@ def test_the_state_dict_carries_the_ledger_to_a_new_callback(tmp_path):
     assert restored.finalize() == callback.finalize()
 
 
+def test_provenance_holds_the_ledger_and_samples_seen(tmp_path):
+    callback = CarbonLedger()
+    _fit(_Regression(), callback, tmp_path)
+    provenance = callback.provenance()
+    assert provenance["accounting"] == callback.finalize().to_dict()
+    assert provenance["samples_seen"] == 30
+
+
 def test_device_watts_sets_the_energy(tmp_path):
     callback = CarbonLedger(device_watts=360.0)
     _fit(_Regression(), callback, tmp_path)

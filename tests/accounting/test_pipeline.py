@@ -6,7 +6,7 @@ import pytest
 
 from train.accounting.cli import main
 from train.accounting.ledger import Ledger
-from train.accounting.pipeline import count_params, read_pipeline, table2
+from train.accounting.pipeline import count_params, pipeline_table, read_pipeline, table2
 
 STAGE_A = Ledger(device_hours=1.5, wall_hours=0.75, energy_kwh=0.375, co2_kg=0.13875, samples=10_000, steps=100,
                  pue=1.0, carbon_intensity_kg_per_kwh=0.37, device_name="A100-PCIE-40GB", power_source="table",
@@ -60,6 +60,10 @@ def test_table_rows_are_the_stages_the_total_then_the_paper(pipeline_dir):
     assert rows[7] == "| Würstchen Stage B (paper) | ~1 B | ~11,000 A100 | ~318 M | — |"
     assert rows[8] == "| SD 1.4 (paper) | 0.8 B | 150,000 | 4.8 B | 11,250.00 kg |"
     assert rows[9] == "| SD 2.1 (paper) | 0.8 B | 200,000 | 3.9 B | 15,000.00 kg |"
+
+
+def test_pipeline_table_reads_the_directory(pipeline_dir):
+    assert pipeline_table(pipeline_dir) == table2(read_pipeline(pipeline_dir))
 
 
 def test_report_of_a_pipeline_prints_the_table(pipeline_dir, capsys):

@@ -180,6 +180,11 @@ class CarbonLedger(pl.Callback):
         """The run's ledger as of the end of training: the export's provenance.json "accounting"."""
         return Ledger.from_dict(self._ledger.to_dict())
 
+    def provenance(self) -> dict[str, Any]:
+        """The export's provenance.json entries: {"accounting": <ledger>, "samples_seen": <int>}."""
+        ledger = self.finalize()
+        return {"accounting": ledger.to_dict(), "samples_seen": ledger.samples}
+
     # -- figures ------------------------------------------------------------------------------
     def _gather(self, trainer: pl.Trainer) -> Ledger:
         """Sums every rank's segment (a collective: all ranks must call it) and adds the prior."""

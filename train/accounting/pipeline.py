@@ -99,6 +99,11 @@ def read_pipeline(pipeline_dir: str | Path) -> PipelineLedger:
     return PipelineLedger(stages, total)
 
 
+def pipeline_table(pipeline_dir: str | Path) -> str:
+    """``table2`` of ``read_pipeline(pipeline_dir)``: the markdown ledger a pipeline run writes beside itself."""
+    return table2(read_pipeline(pipeline_dir))
+
+
 def _count(n: float | None, approx: bool = False) -> str:
     # Units as the paper writes them: 0.99 B params, 318 M samples, 18.4 M params.
     if n is None:
