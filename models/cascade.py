@@ -172,14 +172,24 @@ class CascadeSampler:
         prompts = _check_prompts(prompts)
         negatives = _check_negative_prompts(negative_prompts, len(prompts))
         repeats = _check_positive_int("num_images_per_prompt", num_images_per_prompt)
-        w = self.prior_guidance_scale if guidance_scale is None else _check_finite("guidance_scale", guidance_scale)
+        w = (
+            self.prior_guidance_scale
+            if guidance_scale is None
+            else _check_finite("guidance_scale", guidance_scale)
+        )
         (height_c, width_c), _ = self.latent_sizes(height, width)
         device, dtype = _device_and_dtype(self.stage_c)
 
         with _eval_mode(self.stage_c, self.text_encoder_c):
             cond, uncond = self._encode_text(
-                self.text_encoder_c, "text_encoder_c", self._stage_c_text_width, "stage_c's c_cond",
-                prompts, negatives, repeats, guided=w > 1,
+                self.text_encoder_c,
+                "text_encoder_c",
+                self._stage_c_text_width,
+                "stage_c's c_cond",
+                prompts,
+                negatives,
+                repeats,
+                guided=w > 1,
             )
             dtype = dtype or cond.dtype
             device = device or cond.device
@@ -191,8 +201,14 @@ class CascadeSampler:
                 _guided, self.stage_c, cond={"c": cond}, uncond={"c": uncond} if w > 1 else None, w=w
             )
             x = sample(
-                model_fn, x_T, t_grid, self.sampler, generator=generator, eta=self.eta,
-                progress=self.progress, desc="Stage C",
+                model_fn,
+                x_T,
+                t_grid,
+                self.sampler,
+                generator=generator,
+                eta=self.eta,
+                progress=self.progress,
+                desc="Stage C",
             )
         # The v2 hand-off (REFERENCE.md): Stage C models (z + 1)/42, so z = 42·x − 1.
         return x * self.latent_mean - self.latent_std
@@ -226,7 +242,11 @@ class CascadeSampler:
                 f"z holds {z.shape[0]} samples, not a multiple of the {len(prompts)} prompts; give one prompt, "
                 "or one per group of consecutive samples"
             )
-        w = self.decoder_guidance_scale if guidance_scale is None else _check_finite("guidance_scale", guidance_scale)
+        w = (
+            self.decoder_guidance_scale
+            if guidance_scale is None
+            else _check_finite("guidance_scale", guidance_scale)
+        )
         height_b, width_b = (int(side * self.latent_dim_scale) for side in z.shape[-2:])
         multiple = self._stage_b_multiple or 1
         if min(height_b, width_b) < 1 or height_b % multiple or width_b % multiple:
@@ -238,14 +258,22 @@ class CascadeSampler:
 
         with _eval_mode(self.stage_b, self.stage_a, self.text_encoder_b):
             cond, uncond = self._encode_text(
-                self.text_encoder_b, "text_encoder_b", self._stage_b_text_width, "stage_b's clip_embd",
-                prompts, negatives, z.shape[0] // len(prompts), guided=w > 1,
+                self.text_encoder_b,
+                "text_encoder_b",
+                self._stage_b_text_width,
+                "stage_b's clip_embd",
+                prompts,
+                negatives,
+                z.shape[0] // len(prompts),
+                guided=w > 1,
             )
             dtype = dtype or cond.dtype
             device = device or cond.device
             cond, uncond = _move(cond, device, dtype), _move(uncond, device, dtype)
             effnet = z.to(device=device, dtype=dtype)
-            x_T = draw_noise((z.shape[0], STAGE_B_LATENT_CHANNELS, height_b, width_b), generator, device, dtype)
+            x_T = draw_noise(
+                (z.shape[0], STAGE_B_LATENT_CHANNELS, height_b, width_b), generator, device, dtype
+            )
             t_grid = resolve_t_grid(self.decoder_t_grid, self.decoder_steps, device=device)
             model_fn = partial(
                 _guided,
@@ -255,8 +283,14 @@ class CascadeSampler:
                 w=w,
             )
             latents = sample(
-                model_fn, x_T, t_grid, self.sampler, generator=generator, eta=self.eta,
-                progress=self.progress, desc="Stage B",
+                model_fn,
+                x_T,
+                t_grid,
+                self.sampler,
+                generator=generator,
+                eta=self.eta,
+                progress=self.progress,
+                desc="Stage B",
             )
             # The v2 hand-off (REFERENCE.md): Stage B models ℓ/0.3764, Stage A decodes 0.3764·ℓ.
             a_device, a_dtype = _device_and_dtype(self.stage_a)
@@ -321,7 +355,11 @@ class CascadeSampler:
 
     @staticmethod
     def _hidden(
-        encoder: TextEncoderFn, encoder_name: str, captions: list[str], expected_width: int | None, expected_name: str
+        encoder: TextEncoderFn,
+        encoder_name: str,
+        captions: list[str],
+        expected_width: int | None,
+        expected_name: str,
     ) -> torch.Tensor:
         output = encoder(captions)
         if not isinstance(output, (tuple, list)) or len(output) != 2:
@@ -332,7 +370,9 @@ class CascadeSampler:
         hidden = output[0]
         if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[0] != len(captions):
             shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
-            raise ValueError(f"{encoder_name} returned hidden states {shape}; expected [{len(captions)}, L, D]")
+            raise ValueError(
+                f"{encoder_name} returned hidden states {shape}; expected [{len(captions)}, L, D]"
+            )
         if expected_width is not None and hidden.shape[-1] != expected_width:
             raise ValueError(
                 f"{encoder_name} returns {hidden.shape[-1]}-wide text states but {expected_name} is "

@@ -72,7 +72,9 @@ def resolve_t_grid(
                 f"set steps to null (or {len(t_grid)}), or use grid 'linear' for {steps} steps"
             )
     elif isinstance(grid, str):
-        raise ValueError(f"unknown t grid {grid!r}; use 'linear', 'v2' or an explicit list of times from 1 to 0")
+        raise ValueError(
+            f"unknown t grid {grid!r}; use 'linear', 'v2' or an explicit list of times from 1 to 0"
+        )
     else:
         # float() per item: Hydra hands over a ListConfig, which torch cannot read directly.
         t_grid = grid if isinstance(grid, torch.Tensor) else torch.tensor([float(t) for t in grid])
@@ -87,7 +89,9 @@ def check_t_grid(t_grid: torch.Tensor) -> None:
         shape = tuple(t_grid.shape) if isinstance(t_grid, torch.Tensor) else type(t_grid).__name__
         raise ValueError(f"t_grid must be a 1-D tensor of at least 2 times (1 → 0), got {shape}")
     if not bool((t_grid[1:] < t_grid[:-1]).all()):
-        raise ValueError(f"t_grid must be strictly decreasing (noise at t=1 towards data at t=0), got {t_grid.tolist()}")
+        raise ValueError(
+            f"t_grid must be strictly decreasing (noise at t=1 towards data at t=0), got {t_grid.tolist()}"
+        )
     if float(t_grid.min()) < 0 or float(t_grid.max()) > 1:
         raise ValueError(f"t_grid values must lie in [0, 1], got {t_grid.tolist()}")
 
@@ -215,9 +219,11 @@ def ddim_step(
     alpha_cumprod_prev = torch.where(at_zero, torch.ones_like(alpha_cumprod_prev), alpha_cumprod_prev)
 
     x0_pred = (x_t - (1 - alpha_cumprod).sqrt() * eps) / alpha_cumprod.sqrt()
-    sigma = eta * ((1 - alpha_cumprod_prev) / (1 - alpha_cumprod)).sqrt() * (
-        1 - alpha_cumprod / alpha_cumprod_prev
-    ).sqrt()
+    sigma = (
+        eta
+        * ((1 - alpha_cumprod_prev) / (1 - alpha_cumprod)).sqrt()
+        * (1 - alpha_cumprod / alpha_cumprod_prev).sqrt()
+    )
     direction = (1 - alpha_cumprod_prev - sigma**2).clamp(min=0).sqrt() * eps
     x_prev = alpha_cumprod_prev.sqrt() * x0_pred + direction
     if eta > 0:
@@ -257,7 +263,9 @@ def cfg_eps(
         other = uncond[name]
         if value is None or other is None:
             if value is not other:
-                raise ValueError(f"conditioning {name!r} is None on one side only; give both halves or neither")
+                raise ValueError(
+                    f"conditioning {name!r} is None on one side only; give both halves or neither"
+                )
             batched[name] = None
             continue
         if value.shape != other.shape:
