@@ -6,7 +6,7 @@ import pytest
 
 from train.accounting.cli import main
 from train.accounting.ledger import Ledger
-from train.accounting.projection import project, read_recipe, render
+from train.accounting.projection import DEFAULT_RECIPE, project, read_recipe, render
 
 # Measured: 90,000 samples in 0.5 device-hours (50 samples per device-second) at 0.4 kW per device.
 RUN = Ledger(device_hours=0.5, wall_hours=0.25, energy_kwh=0.2, co2_kg=0.074, samples=90_000, steps=180, pue=1.0,
@@ -95,3 +95,40 @@ def test_a_missing_recipe_dir_is_an_error_naming_the_expected_files(tmp_path):
 def test_a_run_that_never_trained_cannot_be_projected(recipe):
     with pytest.raises(ValueError, match="samples > 0"):
         project(Ledger(), read_recipe(recipe))
+
+
+@pytest.fixture
+def conf_tree(tmp_path):
+    """A Hydra conf tree like the repository's: train.yaml with group defaults, experiment/mini/ phases."""
+    conf = tmp_path / "conf"
+    for group in ("trainer", "data", "experiment/mini"):
+        (conf / group).mkdir(parents=True)
+    (conf / "train.yaml").write_text("defaults:\n  - trainer: base\n  - data: base\n  - experiment: null\n"
+                                     "  - _self_\nseed: 0\n")
+    (conf / "trainer" / "base.yaml").write_text("max_steps: 1\n")
+    (conf / "data" / "base.yaml").write_text("global_batch_size: 8\n")
+    phases = {
+        "p1": "trainer:\n  max_steps: 100\ndata:\n  global_batch_size: 32\n",
+        "p2": "defaults:\n  - mini/p1\n  - _self_\ntrainer:\n  max_steps: 50\n",  # inherits p1's batch
+        "p3": "trainer:\n  max_steps: 10\n",  # batch from data/base.yaml
+        "p4": "trainer:\n  max_steps: 10\ndata:\n  global_batch_size: null\n",
+    }
+    for name, text in phases.items():
+        (conf / "experiment" / "mini" / f"{name}.yaml").write_text("# @package _global_\n" + text)
+    return conf / "experiment" / "mini"
+
+
+def test_phases_in_a_conf_tree_are_read_as_hydra_composes_them(conf_tree):
+    samples = {p.name: p.samples for p in read_recipe(conf_tree)}
+    assert samples == {"p1": 100 * 32, "p2": 50 * 32, "p3": 10 * 8, "p4": None}
+
+
+@pytest.mark.skipif(not DEFAULT_RECIPE.is_dir(), reason="conf/experiment/paper_v2 not written yet")
+def test_the_paper_v2_recipe_has_the_papers_samples_per_phase():
+    # REFERENCE.md "Training recipe": iterations × batch for the phases the paper gives both for.
+    samples = {p.name: p.samples for p in read_recipe(DEFAULT_RECIPE)}
+    assert samples["stage_b_512"] == 457_000 * 512
+    assert samples["stage_b_1024"] == 300_000 * 128
+    assert samples["stage_c_p1"] == 500_000 * 1536
+    assert samples["stage_c_p2"] == 364_000 * 1536
+    assert samples["stage_c_p4"] == 50_000 * 384

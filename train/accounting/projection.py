@@ -1,7 +1,9 @@
 """Projection: what the full paper_v2 recipe would cost on the hardware a measured run used.
 
-Each phase's samples are ``trainer.max_steps × data.global_batch_size`` from
-``conf/experiment/paper_v2/<stage>_<phase>.yaml``; the run's measured throughput (samples per
+Each phase's samples are ``trainer.max_steps × data.global_batch_size`` of
+``conf/experiment/paper_v2/<stage>_<phase>.yaml`` as Hydra composes it with ``conf/train.yaml`` (so a
+phase inherits what its defaults list brings, as in training; a recipe directory outside a conf tree
+is read file by file); the run's measured throughput (samples per
 device-second) turns them into device-hours, its measured mean power per device into energy, and
 PUE × grid intensity into CO2. A phase whose steps or batch the paper leaves open (null) is reported
 as unknown and left out of the total. The run should use the phase's model size and resolution: a
@@ -52,6 +54,16 @@ def _positive_int(config: Any, key: str, path: Path) -> tuple[int | None, str]:
     return value, ""
 
 
+def _experiment_group(recipe_dir: Path) -> tuple[Path, str] | None:
+    """(conf root holding train.yaml, the recipe's path inside its experiment/ group), if it has one."""
+    recipe_dir = recipe_dir.resolve()
+    for parent in [recipe_dir, *recipe_dir.parents]:
+        if parent.name == "experiment" and (parent.parent / "train.yaml").is_file():
+            inside = recipe_dir.relative_to(parent).as_posix()
+            return parent.parent, "" if inside == "." else inside + "/"
+    return None
+
+
 def read_recipe(recipe_dir: str | Path = DEFAULT_RECIPE, phases: str = "*") -> list[Phase]:
     """The phases of a recipe directory (``*.yaml`` whose stem matches the glob ``phases``), by name."""
     recipe_dir = Path(recipe_dir)
@@ -62,12 +74,31 @@ def read_recipe(recipe_dir: str | Path = DEFAULT_RECIPE, phases: str = "*") -> l
             "<stage>_<phase>.yaml files with trainer.max_steps and data.global_batch_size "
             "(conf/experiment/paper_v2/); pass --recipe DIR or fix --phases"
         )
+    group = _experiment_group(recipe_dir)
+    configs = _composed(files, *group) if group else [OmegaConf.load(path) for path in files]
     out = []
-    for path in files:
-        config = OmegaConf.load(path)
+    for path, config in zip(files, configs):
         steps, steps_note = _positive_int(config, "trainer.max_steps", path)
         batch, batch_note = _positive_int(config, "data.global_batch_size", path)
         out.append(Phase(path.stem, steps, batch, "; ".join(n for n in (steps_note, batch_note) if n)))
+    return out
+
+
+def _composed(files: list[Path], conf_root: Path, prefix: str) -> list[Any]:
+    """Each phase as training sees it: ``train.yaml`` composed with ``experiment=<prefix><stem>``."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    out = []
+    with initialize_config_dir(version_base="1.3", config_dir=str(conf_root)):
+        for path in files:
+            try:
+                out.append(compose("train", overrides=[f"experiment={prefix}{path.stem}"]))
+            except (HydraException, OmegaConfBaseException) as error:
+                raise ValueError(
+                    f"{path}: Hydra cannot compose experiment={prefix}{path.stem} with {conf_root}/train.yaml "
+                    f"({error}); `wurst-train experiment={prefix}{path.stem}` would fail the same way"
+                ) from error
     return out
 
 
