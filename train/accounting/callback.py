@@ -118,10 +118,10 @@ class CarbonLedger(pl.Callback):
         device = trainer.strategy.root_device
         if device.type == "cuda":
             name, index = torch.cuda.get_device_name(device), device.index or 0
-        else:
+        else:  # "cpu" gets the configured wattage; another accelerator type warns and gets it too
             name, index = device.type, None
         meter = open_energy_meter(
-            name if device.type == "cuda" else "cpu",
+            name,
             cuda_index=index,
             device_watts=self.device_watts,
             fallback=self.fallback_watts,

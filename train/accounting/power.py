@@ -73,7 +73,7 @@ class NvmlEnergyMeter:
 
     power_source = "nvml"
 
-    def __init__(self, cuda_index: int, device_name: str) -> None:
+    def __init__(self, cuda_index: int, device_name: str, stand_in_watts: float) -> None:
         try:
             import pynvml
         except ImportError as error:
@@ -86,6 +86,8 @@ class NvmlEnergyMeter:
         except pynvml.NVMLError as error:
             raise EnergyCounterUnavailable(f"NVML: {error}") from error
         self.device_name = device_name
+        self._stand_in_watts = stand_in_watts
+        self._last = (time.monotonic(), 0.0)  # the last good reading: (when, joules)
 
     def _handle_for(self, cuda_index: int):
         # CUDA and NVML may number GPUs differently (CUDA_VISIBLE_DEVICES, CUDA_DEVICE_ORDER): match by UUID.
@@ -100,7 +102,17 @@ class NvmlEnergyMeter:
         return self._nvml.nvmlDeviceGetHandleByIndex(cuda_index)
 
     def joules(self) -> float:
-        return (self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle) - self._start_mj) / 1000.0
+        now = time.monotonic()
+        try:
+            joules = (self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle) - self._start_mj) / 1000.0
+        except self._nvml.NVMLError as error:
+            # A counter that stops answering mid-run must not stop training: extrapolate from the last reading.
+            warnings.warn(f"NVML energy read failed on {self.device_name} ({error}); counting "
+                          f"{self._stand_in_watts:g} W since the last reading", RuntimeWarning, stacklevel=2)
+            then, joules = self._last
+            return joules + self._stand_in_watts * (now - then)
+        self._last = (now, joules)
+        return joules
 
 
 def open_energy_meter(
@@ -129,7 +141,8 @@ def open_energy_meter(
     canonical = canonical_device_name(device_name)
     if cuda_index is not None and use_nvml:
         try:
-            return NvmlEnergyMeter(cuda_index, canonical or device_name)
+            stand_in = board_power_table()[canonical] if canonical else fallback
+            return NvmlEnergyMeter(cuda_index, canonical or device_name, stand_in)
         except EnergyCounterUnavailable as why:
             reason = str(why)
     else:
