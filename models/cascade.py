@@ -90,17 +90,19 @@ class CascadeSampler:
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        for name in ("prior_guidance_scale", "decoder_guidance_scale", "latent_mean", "latent_std"):
-            _check_finite(name, getattr(self, name))
+        # Stored as floats: Hydra hands over ints for "4" and the hand-off arithmetic must stay float.
+        for name in ("eta", "prior_guidance_scale", "decoder_guidance_scale", "latent_mean", "latent_std"):
+            setattr(self, name, _check_finite(name, getattr(self, name)))
         for name in ("resolution_multiple", "latent_dim_scale"):
-            if not _check_finite(name, getattr(self, name)) > 0:
+            setattr(self, name, _check_finite(name, getattr(self, name)))
+            if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         # Resolve the grids once now so a bad config fails before any model runs.
         resolve_t_grid(self.prior_t_grid, self.prior_steps)
         resolve_t_grid(self.decoder_t_grid, self.decoder_steps)
         if self.vqgan_scale_factor is None:
             self.vqgan_scale_factor = _stage_a_scale_factor(self.stage_a)
-        _check_finite("vqgan_scale_factor", self.vqgan_scale_factor)
+        self.vqgan_scale_factor = _check_finite("vqgan_scale_factor", self.vqgan_scale_factor)
 
         # Widths read from the contract's state-dict names (shared by our classes and diffusers').
         self._stage_c_channels = _in_features(self.stage_c, r"projection\.weight")
