@@ -1,0 +1,72 @@
+"""The training process's end of a shard stream: DataLoader workers, and the stream position.
+
+``StreamLoader`` is what a training loop iterates. Each ``iter()`` makes a fresh DataLoader over the
+stream after telling the stream (pickled into the workers) this process's rank, the epoch and where
+each reader should resume, then hands the batches on. A batch counts as consumed when the consumer
+calls ``position.advance(batch)``; with ``auto_advance`` (plain loops) that happens as it is handed out,
+while the Lightning data module does it just before the training step (Lightning fetches one batch
+ahead).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from data.data_stats import DataStats
+from data.resume import StreamPosition
+from data.shard_stream import ShardStream
+from data.topology import rank_and_world_size
+
+
+class StreamLoader:
+    """Iterable of batch dicts over ``stream`` with ``num_workers`` DataLoader workers.
+
+    position: the resumable position (shared with a checkpoint); a new one when None.
+    auto_advance: mark each batch consumed as it is yielded (False when something else, e.g. the
+        Lightning data module, calls ``position.advance`` once the batch is really trained on).
+    stats: if given, every batch's ``data_stats`` is added to it as the batch is yielded.
+    placement: (rank, world_size) to read as; default: this process's (topology.rank_and_world_size).
+    """
+
+    def __init__(self, stream: ShardStream, num_workers: int = 0, position: StreamPosition | None = None,
+                 auto_advance: bool = True, stats: DataStats | None = None, pin_memory: bool = False,
+                 prefetch_factor: int | None = 2, multiprocessing_context: str | None = None,
+                 placement: tuple[int, int] | None = None):
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers={num_workers} must be >= 0")
+        self.stream = stream
+        self.num_workers = num_workers
+        self.position = position if position is not None else StreamPosition()
+        self.auto_advance = auto_advance
+        self.stats = stats
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor if num_workers > 0 else None
+        self.multiprocessing_context = multiprocessing_context if num_workers > 0 else None
+        self.placement = placement
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        rank, world_size = self.placement or rank_and_world_size()
+        self.position.bind(self.stream.layout(world_size, self.num_workers))
+        epoch = self.position.epoch
+        stream = copy.copy(self.stream)
+        stream.rank, stream.world_size, stream.epoch = rank, world_size, epoch
+        stream.resume = {
+            f"{rank}/{worker}": point
+            for worker in range(max(1, self.num_workers))
+            if (point := self.position.resume_point(rank, worker)) is not None
+        }
+        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                            prefetch_factor=self.prefetch_factor,
+                            multiprocessing_context=self.multiprocessing_context)
+        for batch in loader:
+            if self.stats is not None:
+                self.stats.update(batch["data_stats"])
+            if self.auto_advance:
+                self.position.advance(batch)
+            yield batch
+        if self.stream.mode == "finite":
+            self.position.finish_epoch(epoch)
