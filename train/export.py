@@ -8,7 +8,6 @@ half-written file under a final name; ``provenance.json`` goes last and marks th
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import os
@@ -140,6 +139,3 @@ def git_revision() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
 
-
-def shard_list_hash(shards: list[str]) -> str:
-    return hashlib.sha256("\n".join(sorted(map(str, shards))).encode()).hexdigest()[:16]

@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from train.batching import per_device_batch_size
+from data.datamodule import per_device_batch_size
 from train.checkpointing import AtomicCheckpointIO, PeriodicCheckpoint, find_resume_checkpoint
 from train.diffusion_module import network_config
 from train.export import (
@@ -154,6 +154,35 @@ def resolve_resume(cfg: DictConfig, run_dir: Path) -> str | None:
     return str(path)
 
 
+def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    """The data module of ``cfg.data`` at this stage's resolutions (``stage.data``)."""
+    data_cfg = plain(cfg.data)
+    sizes = plain(cfg.stage.get("data", {})) or {}
+    if not data_cfg.get("cached", False):
+        image, compressor = sizes.get("image_size"), sizes.get("compressor_size")
+        if image is None:  # Stage C reads only the compressor's input
+            image, compressor = compressor, None
+        if image is not None:
+            data_cfg["resolution"] = int(image)
+        data_cfg["compressor_resolution"] = None if compressor is None else int(compressor)
+    return hydra.utils.instantiate(data_cfg, _convert_="all")
+
+
+def data_provenance(datamodule: L.LightningDataModule) -> dict[str, Any]:
+    from data.shard_spec import expand_shards, shard_list_digest
+
+    out: dict[str, Any] = {}
+    try:
+        urls = expand_shards(datamodule.shards)
+        out["dataset"] = {"shards": len(urls), "shard_list_hash": shard_list_digest(urls)}
+    except (ValueError, OSError):
+        pass
+    stats = getattr(datamodule, "stats", None)
+    if stats is not None:
+        out.setdefault("dataset", {})["counts"] = stats.state_dict()
+    return out
+
+
 def export_stage(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, run_dir: Path,
                  extra_provenance: dict[str, Any]) -> Path:
     export_dir = run_dir / "export"
@@ -184,8 +213,6 @@ def export_stage(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule,
 
 def train_stage(cfg: DictConfig) -> dict[str, Any]:
     """Trains ``cfg.stage`` into ``cfg.run_dir``; returns the final metrics."""
-    from train.data_module import build_train_loader
-
     if cfg.get("stage") is None:
         raise ValueError("no stage selected: pass stage=a|b|c or an experiment that selects one")
     check_stage_inputs(cfg)
@@ -202,8 +229,8 @@ def train_stage(cfg: DictConfig) -> dict[str, Any]:
     callbacks.append(PeriodicCheckpoint(run_dir / "checkpoints", int(cfg.checkpoint_every), int(cfg.keep_checkpoints)))
     loggers = build_loggers(cfg, run_dir)
     trainer = build_trainer(cfg, run_dir, callbacks, loggers)
-    batch = per_device_batch_size(int(cfg.data.global_batch_size), trainer.world_size, int(cfg.accumulate_grad_batches))
-    loader, data_info = build_train_loader(cfg, batch, rank=trainer.global_rank, world_size=trainer.world_size)
+    per_device_batch_size(cfg.data.global_batch_size, trainer.world_size, int(cfg.accumulate_grad_batches))
+    datamodule = build_datamodule(cfg)
 
     module = build_module(cfg)
     apply_init_from(cfg, module)
@@ -215,11 +242,11 @@ def train_stage(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = resolve_resume(cfg, run_dir)
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path, weights_only=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     if trainer.is_global_zero:
-        extra = {"metrics": metrics, **data_info}
+        extra = {"metrics": metrics, **data_provenance(datamodule)}
         for cb in callbacks:
             if hasattr(cb, "provenance"):
                 extra.update(cb.provenance())

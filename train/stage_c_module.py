@@ -68,14 +68,16 @@ class StageCModule(DiffusionStageModule):
     def diffusion_inputs(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, Any], int]:
         if "compressor_latents" in batch:
             z = batch["compressor_latents"].float()
-        elif "compressor_images" in batch:
+        elif "compressor_images" in batch or "images" in batch:
             if self.compressor is None:
                 raise RuntimeError(
                     "Stage C got images but has no compressor: set stage.compressor_export to a Stage B "
                     "export (wurst-train stage=b) or train from cached shards (wurst-data cache)"
                 )
+            # Stage C's data runs at the compressor's resolution only (no full-size images needed).
+            images = batch["compressor_images"] if "compressor_images" in batch else batch["images"]
             with torch.no_grad():
-                z = self.compressor(batch["compressor_images"]).float()
+                z = self.compressor(images).float()
         else:
             raise KeyError("a Stage C batch needs 'compressor_latents' (cached shards) or 'compressor_images'")
         batch_size = z.shape[0]
@@ -102,7 +104,6 @@ class StageCModule(DiffusionStageModule):
 
         cascade = load_cascade(pipeline_dir, sampler="tiny", stage_c=self.export_network(),
                                text_encoder_c=self.text_encoder, progress=False)
-        size = round(batch["compressor_images"].shape[-1] * 4 / 3) if "compressor_images" in batch else 128
-        size = max(128, size - size % 128)
+        size = 128
         generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
         return cascade(prompts, size, size, generator=generators)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from train.batching import per_device_batch_size
+from data.datamodule import per_device_batch_size
 from train.ema import EMA
 from train.export import MissingExportError, build_from_config, load_network, require_export, write_network
 from train.recipe import build_optimizer, linear_warmup
