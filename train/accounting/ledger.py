@@ -18,8 +18,7 @@ POWER_SOURCES = ("nvml", "table", "configured")
 MIXED = "mixed"
 # Per-rank figures: one dict per rank index with these keys.
 RANK_KEYS = ("device_hours", "energy_kwh", "samples")
-# Keys to_dict adds for readers; from_dict ignores them (they follow from the others).
-DERIVED_KEYS = ("samples_per_s", "samples_per_device_s", "average_power_kw")
+# CarbonLedger's Lightning state key (its class name): checkpoint["callbacks"][CALLBACK_STATE_KEY].
 CALLBACK_STATE_KEY = "CarbonLedger"
 
 
