@@ -1,0 +1,1 @@
+"""Hugging Face Hub interchange: diffusers/transformers layouts of our networks and tokenizers."""
