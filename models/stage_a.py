@@ -34,6 +34,10 @@ class MixingResidualBlock(nn.Module):
         self.norm2 = LayerNorm2d(c, elementwise_affine=False, eps=1e-6)
         self.channelwise = nn.Sequential(nn.Linear(c, c_hidden), nn.GELU(), nn.Linear(c_hidden, c))
         self.gammas = nn.Parameter(torch.zeros(6))
+        # As the authors' VQGAN code initialises these blocks.
+        for layer in (self.depthwise[1], self.channelwise[0], self.channelwise[2]):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``[B, c, H, W]`` → ``[B, c, H, W]``."""
@@ -53,10 +57,9 @@ class VectorQuantizer(nn.Module):
         super().__init__()
         self.beta = beta
         self.embedding = nn.Embedding(num_vq_embeddings, latent_channels)
-        # The latents the codes must match come out of a BatchNorm (zero mean, unit variance), so the
-        # codes start from that same distribution: fewer codes begin out of reach (dead) than with the
-        # tiny uniform init of the original VQGAN.
-        nn.init.normal_(self.embedding.weight)
+        # Codes start near the origin, U(-1/K, 1/K), as in the authors' VQGAN code; the codebook term of
+        # the loss then pulls them out to the BatchNorm-normalised latents.
+        nn.init.uniform_(self.embedding.weight, -1 / num_vq_embeddings, 1 / num_vq_embeddings)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """z: ``[B, C, h, w]`` → (quantized ``[B, C, h, w]``, vq_loss scalar, indices ``[B, h, w]``)."""

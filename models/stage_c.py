@@ -65,6 +65,31 @@ class StageC(nn.Module):
         self.out = nn.Sequential(
             LayerNorm2d(c, elementwise_affine=False, eps=1e-6), nn.Conv2d(c, c_in * 2, 1)
         )
+        self._init_weights(depth)
+
+    def _init_weights(self, depth: int) -> None:
+        """The initialisation of the authors' training code (diffusers' inference-only class drops it).
+
+        Xavier-uniform weights and zero biases everywhere; small (std 0.02) input and conditioning maps;
+        a zero output head, so a fresh prior predicts eps = x_t (a = b = 0); time modulation starting
+        at the identity; residual MLP outputs scaled by 1/sqrt(depth) to keep the residual stream's
+        variance flat through the stack.
+        """
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.normal_(self.projection.weight, std=0.02)
+        nn.init.normal_(self.cond_mapper[0].weight, std=0.02)
+        nn.init.normal_(self.cond_mapper[-1].weight, std=0.02)
+        nn.init.zeros_(self.out[1].weight)
+        for block in self.blocks:
+            if isinstance(block, ResBlock):
+                with torch.no_grad():
+                    block.channelwise[-1].weight.mul_(depth**-0.5)
+            elif isinstance(block, TimestepBlock):
+                nn.init.zeros_(block.mapper.weight)
 
     @property
     def config(self) -> dict:

@@ -205,3 +205,8 @@ def test_latents_with_wrong_channel_count_are_rejected():
         ValueError, match=r"StageA.decode got latents of shape \(1, 16, 4, 4\); expected \[B, 4, h, w\]"
     ):
         model.decode(torch.randn(1, 16, 4, 4))
+
+
+def test_fresh_codebook_starts_near_the_origin_as_the_official_init_does():
+    codes = StageA(**SMALL_CONFIGS[0]).vquantizer.embedding.weight
+    assert codes.abs().max() <= 1 / 64 and codes.std() > 0

@@ -130,3 +130,11 @@ def test_config_rebuilds_the_same_architecture():
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
         k: v.shape for k, v in model.state_dict().items()
     }
+
+
+def test_fresh_prior_predicts_eps_equal_to_its_input_as_the_official_init_does():
+    # The authors' training code zeroes the output head: a = b = 0, so eps = x_t / (1 + 1e-5).
+    model = StageC(**SMALL_CONFIGS[0]).eval()
+    x, r, c = _inputs(SMALL_CONFIGS[0])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, r, c), x / (1 + 1e-5))
