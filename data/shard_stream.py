@@ -285,36 +285,44 @@ def _collate(samples: list[dict[str, Any]], tensor_names: Sequence[str]) -> dict
 
 def batch_samples(samples: Iterable[Any], reader: Reader, batch_size: int, tensor_names: Sequence[str],
                   partial: bool) -> Iterator[dict[str, Any]]:
-    """Batches of ``batch_size`` samples of one bucket; a batch is emitted the moment it is full.
+    """Batches of ``batch_size`` samples of one bucket.
 
+    A full batch is sent when the next sample arrives or the stream ends, stamped with the counts and
+    position of that moment, so skips after the last full batch of a finite stream are still reported.
     With ``ShardEnd`` markers, open batches are flushed at each shard's end and the marker is passed
     on as ``{"shard_end": url}``, so no batch mixes shards.
     """
     open_batches: dict[int, list[dict[str, Any]]] = {}
+    ready: list[dict[str, Any]] = []
 
-    def emit(members: list[dict[str, Any]]) -> dict[str, Any]:
+    def close(members: list[dict[str, Any]]) -> None:
         for member in members:
             reader.progress.done(member["index"])
             reader.stats.count(kinds.ACCEPTED)
         batch = _collate(members, tensor_names)
         batch["shard"] = members[0]["url"]
-        return _stamp(batch, reader)
+        ready.append(batch)
 
     for sample in samples:
+        while ready:
+            yield _stamp(ready.pop(0), reader)
         if isinstance(sample, ShardEnd):
             for members in open_batches.values():
-                yield emit(members)
+                close(members)
             open_batches.clear()
+            while ready:
+                yield _stamp(ready.pop(0), reader)
             yield _stamp({"shard_end": sample.url}, reader)
             continue
         members = open_batches.setdefault(sample["bucket"], [])
         members.append(sample)
         if len(members) == batch_size:
-            del open_batches[sample["bucket"]]
-            yield emit(members)
+            close(open_batches.pop(sample["bucket"]))
     if partial:
         for members in open_batches.values():
-            yield emit(members)
+            close(members)
+    for batch in ready:
+        yield _stamp(batch, reader)
 
 
 def _stamp(batch: dict[str, Any], reader: Reader) -> dict[str, Any]:

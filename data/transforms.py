@@ -153,5 +153,7 @@ class StageTransform:
         compressor = None
         if bucket.compressor_size is not None:
             compressor_h, compressor_w = bucket.compressor_size
-            compressor = to_uint8_tensor(crop.resize((compressor_w, compressor_h), Image.Resampling.BICUBIC))
+            # Antialiased bilinear (torchvision's default Resize): half the cost of bicubic, and the
+            # compressor only needs the semantics of a 0.75x downscale.
+            compressor = to_uint8_tensor(crop.resize((compressor_w, compressor_h), Image.Resampling.BILINEAR))
         return to_uint8_tensor(crop), compressor, index

@@ -109,3 +109,15 @@ def test_bad_stream_settings_are_errors_naming_the_setting(clean_shards):
         ImageShardStream(str(folder), 4, mode="random")
     with pytest.raises(ValueError, match="data.resolution=0"):
         ImageShardStream(str(folder), 4, resolution=0)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 6])
+def test_skips_after_the_last_full_batch_are_still_reported(tmp_path, batch_size):
+    from data.synthetic import write_synthetic_shards
+
+    # seed 2: the shard ends with two samples the filter rejects, after the last passing one
+    manifest = write_synthetic_shards(tmp_path, num_samples=12, num_shards=1, resolution=16,
+                                      fail_fractions={"aesthetic": 0.5}, seed=2)
+    assert list(manifest["fates"].values())[-2:] == ["aesthetic", "aesthetic"]
+    _, stats = read_finite(str(tmp_path), batch_size=batch_size)
+    assert stats.counts["filtered_aesthetic"] == 6 and stats.counts["samples_accepted"] == 6
