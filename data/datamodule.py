@@ -88,6 +88,8 @@ class WurstDataModule(LightningDataModule):
         self.stats = DataStats()
         self.train_stream: ShardStream | None = None
         self.val_stream: ShardStream | None = None
+        if val_shards is not None:  # only then does Lightning see a val_dataloader (no empty-loader warnings)
+            self.val_dataloader = self._val_dataloader
 
     def prepare_data(self) -> None:
         """Write the synthetic shards once (Lightning calls this on one process per node)."""
@@ -136,10 +138,8 @@ class WurstDataModule(LightningDataModule):
                             auto_advance=self.trainer is None, stats=None if self.trainer else self.stats,
                             **self.loader_args)
 
-    def val_dataloader(self) -> StreamLoader | list:
+    def _val_dataloader(self) -> StreamLoader:
         self.setup()
-        if self.val_stream is None:
-            return []
         # Never advanced: every validation pass starts at the beginning.
         return StreamLoader(self.val_stream, self.num_workers, auto_advance=False, **self.loader_args)
 

@@ -16,6 +16,7 @@ Batches are dicts::
     images            float [B, 3, H, W] in [0, 1], the stage resolution
     compressor_images float [B, 3, h, w] in [0, 1], the compressor resolution (when configured)
     captions, keys    list[str]
+    shard             the shard the first sample came from
     data_stats        dict[str, int]: counts by kind since this reader's previous batch (see data_stats.py)
     data_position     this reader's position after the batch (see resume.py)
 
@@ -431,9 +432,11 @@ class ShardStream(IterableDataset):
                         len(self.urls), world_size, num_workers)
         reader = Reader(rank, world_size, worker, num_workers, self.epoch)
         reader.progress = ReaderProgress(self.epoch, self.resume.get(f"{rank}/{worker}"))
-        source = self._finite_samples(reader) if self.mode == "finite" else self._resampled_samples(reader)
-        return batch_samples(self._decoded(number_and_skip(source, reader), reader), reader, self.batch_size,
-                             self.tensor_names, partial=self.mode == "finite")
+        # shards -> split by node and worker (finite) or drawn (resampled) -> tar -> check, filter -> shuffle
+        samples = self._finite_samples(reader) if self.mode == "finite" else self._resampled_samples(reader)
+        samples = number_and_skip(samples, reader)  # resume: drop what was delivered, still undecoded
+        samples = self._decoded(samples, reader)  # decode and crop (images) or load arrays (cache)
+        return batch_samples(samples, reader, self.batch_size, self.tensor_names, partial=self.mode == "finite")
 
 
 class ImageShardStream(ShardStream):

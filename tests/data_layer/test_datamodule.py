@@ -7,6 +7,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from data.datamodule import WurstDataModule, per_device_batch_size
@@ -86,3 +87,18 @@ def test_a_lightning_run_resumed_from_its_checkpoint_continues_the_data_stream(c
     first = fit(folder, 4, save_to=tmp_path / "step4.ckpt")  # Lightning had already fetched batch 5
     rest = fit(folder, 10, ckpt_path=tmp_path / "step4.ckpt")
     assert first + rest == uninterrupted
+
+
+def test_validation_batches_are_centre_cropped_and_restart_every_pass(clean_shards):
+    folder, _ = clean_shards
+    datamodule = WurstDataModule(f"{folder}/{{00000..00005}}.tar", batch_size=4, num_workers=0, resolution=8,
+                                 filter=LAIONFilter(), val_shards=f"{folder}/{{00006..00007}}.tar")
+    loader = datamodule.val_dataloader()
+    first_pass = [(b["keys"], b["images"]) for b in loader]
+    second_pass = [(b["keys"], b["images"]) for b in loader]
+    assert [k for k, _ in first_pass] == [k for k, _ in second_pass]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(first_pass, second_pass))
+    assert all(k.startswith(("00006", "00007")) for keys, _ in first_pass for k in keys)
+    # Lightning sees a val_dataloader only when there are validation shards
+    assert is_overridden("val_dataloader", datamodule, L.LightningDataModule)
+    assert not is_overridden("val_dataloader", WurstDataModule(str(folder), batch_size=4), L.LightningDataModule)
