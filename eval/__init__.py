@@ -1,0 +1,1 @@
+"""Evaluation: COCO-30K prompt/reference sets, distributed generation, FID / IS / CLIP score / PickScore."""

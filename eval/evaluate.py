@@ -1,0 +1,180 @@
+"""One evaluation run: (generate), score, report — what ``wurst-eval`` does with ``conf/eval/eval.yaml``.
+
+1. Prompts from the prompt file (first ``limit``).
+2. When ``pipeline`` is set, the cascade (``generation.sampler``) writes this rank's missing images
+   to ``images`` (default ``<out>/images``); ranks then meet at a barrier and only rank 0 goes on.
+3. Metrics over the prompt set's images: FID against ``references`` and IS (both after the
+   reference preprocessing at ``resolution``), CLIP score and PickScore of each image with its
+   caption, PickScore preference against other models' folders.
+4. ``<out>/metrics.json``, ``<out>/results.md`` (our row beside ``paper.rows``), ``<out>/samples.png``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from eval.clip_score import ClipScore
+from eval.generate import generate_images, rank_and_world_size
+from eval.image_folder import (
+    images_for_prompts,
+    list_images,
+    load_rgb,
+    resize_center_crop,
+    to_uint8_batch,
+)
+from eval.inception import build_fid, build_inception_score
+from eval.pickscore import PickScore, preference
+from eval.prompt_set import read_prompt_file
+from eval.report import write_metrics_json, write_results_table, write_sample_grid
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``auto``/None → ``cuda`` (``cuda:$LOCAL_RANK`` under torchrun) when available, else ``cpu``."""
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _join_process_group(world_size: int) -> bool:
+    """Under torchrun (MASTER_ADDR set) start a gloo group for the after-generation barrier."""
+    dist = torch.distributed
+    if world_size == 1 or not dist.is_available() or dist.is_initialized() or "MASTER_ADDR" not in os.environ:
+        return False
+    # Ranks finish their shards at different times; the barrier must outwait the slowest.
+    dist.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
+    return True
+
+
+def run_generation(cfg: DictConfig, records: Sequence[Any], images_dir: Path, device: torch.device) -> None:
+    """Build the sampler from ``generation.sampler`` and write this rank's missing images."""
+    node = cfg.generation.sampler
+    if node is None:
+        raise ValueError("pipeline= is set but generation.sampler is null; give it a `_target_` that builds the cascade")
+    overrides = {"device": str(device)} if OmegaConf.select(node, "device") == "auto" else {}
+    sampler = instantiate(node, **overrides)
+    gen = cfg.generation
+    summary = generate_images(
+        sampler, records, images_dir, height=gen.height, width=gen.width, batch_size=gen.batch_size,
+        base_seed=gen.seed, generator_device=gen.generator_device, progress=cfg.progress,
+    )
+    log.info("rank %d/%d: wrote %d images, %d already there", summary.rank, summary.world_size,
+             len(summary.written), len(summary.skipped))
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Run the evaluation described by ``cfg`` (``conf/eval/eval.yaml``); returns the metrics (rank 0)."""
+    records = read_prompt_file(cfg.prompts, cfg.limit)
+    out = Path(cfg.out)
+    images_dir = Path(cfg.images) if cfg.images else out / "images"
+    device = resolve_device(cfg.device)
+    rank, world_size = rank_and_world_size()
+    own_group = _join_process_group(world_size)
+    try:
+        if cfg.pipeline is not None:
+            run_generation(cfg, records, images_dir, device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+    finally:
+        if own_group:
+            torch.distributed.destroy_process_group()
+    if rank != 0:
+        return {}
+    paths = images_for_prompts(images_dir, records, what="generated images")
+    metrics = score(cfg, records, paths, device)
+    settings = {
+        "name": cfg.name,
+        "prompts": str(cfg.prompts),
+        "images_dir": str(images_dir),
+        "num_images": len(records),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_metrics_json(out / "metrics.json", metrics, settings)
+    write_results_table(out / "results.md", cfg.name, metrics, len(records), list(cfg.paper.rows))
+    if cfg.grid.count > 0:
+        write_sample_grid(paths[: cfg.grid.count], out / "samples.png", cfg.grid.columns, cfg.grid.tile)
+    log.info("metrics: %s (written to %s)", metrics, out)
+    return metrics
+
+
+def score(cfg: DictConfig, records: Sequence[Any], paths: Sequence[Path], device: torch.device) -> dict[str, Any]:
+    """All enabled metrics for ``paths[i]`` generated from ``records[i]``."""
+    m = cfg.metrics
+    if m.fid.enabled and not cfg.references:
+        raise ValueError(
+            "FID needs reference images: pass references=<folder> (`wurst-data coco30k` writes <out>/references) "
+            "or metrics.fid.enabled=false"
+        )
+    fid = build_fid(m.fid.weights, m.fid.feature, m.fid.antialias).to(device) if m.fid.enabled else None
+    inception_score = (
+        build_inception_score(m.inception_score.weights, m.inception_score.feature, m.inception_score.splits,
+                              m.inception_score.antialias).to(device)
+        if m.inception_score.enabled else None
+    )
+    clip = (
+        ClipScore(m.clip_score.model, m.clip_score.backend, m.clip_score.pretrained, device, m.clip_score.processor)
+        if m.clip_score.enabled else None
+    )
+    pick = PickScore(m.pickscore.model, m.pickscore.processor, device) if m.pickscore.enabled else None
+
+    batches = list(zip(_batches(paths, cfg.batch_size), _batches(records, cfg.batch_size)))
+    for batch_paths, batch_records in tqdm(batches, desc="score", disable=not cfg.progress):
+        images = [load_rgb(p) for p in batch_paths]
+        captions = [r.caption for r in batch_records]
+        if fid is not None or inception_score is not None:
+            pixels = to_uint8_batch([resize_center_crop(image, cfg.resolution) for image in images]).to(device)
+            if fid is not None:
+                fid.update(pixels, real=False)
+            if inception_score is not None:
+                inception_score.update(pixels)
+        if clip is not None:
+            clip.update(images, captions)
+        if pick is not None:
+            pick.update(images, captions)
+
+    metrics: dict[str, Any] = {}
+    if fid is not None:
+        references = list_images(cfg.references, what="reference folder")
+        for batch_paths in tqdm(_batches(references, cfg.batch_size), desc="references", disable=not cfg.progress):
+            pixels = [resize_center_crop(load_rgb(p), cfg.resolution) for p in batch_paths]
+            fid.update(to_uint8_batch(pixels).to(device), real=True)
+        metrics["fid"] = float(fid.compute())
+        metrics["fid_references"] = len(references)
+    if inception_score is not None:
+        mean, std = inception_score.compute()
+        metrics["inception_score"], metrics["inception_score_std"] = float(mean), float(std)
+    if clip is not None:
+        metrics["clip_score"] = clip.compute()
+    if pick is not None:
+        metrics["pickscore"] = pick.compute()
+        ours = pick.scores()
+        preferences = {}
+        for other, folder in (m.pickscore.compare or {}).items():
+            other_paths = images_for_prompts(folder, records, what=f"comparison images of {other}")
+            theirs = torch.cat([
+                pick.score([load_rgb(p) for p in batch_paths], [r.caption for r in batch_records])
+                for batch_paths, batch_records in zip(_batches(other_paths, cfg.batch_size),
+                                                      _batches(records, cfg.batch_size))
+            ])
+            preferences[str(other)] = preference(ours, theirs)
+        if preferences:
+            metrics["pickscore_preference"] = preferences
+    return metrics
