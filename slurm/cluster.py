@@ -144,6 +144,16 @@ class LoopbackCluster:
             raise ClusterError(reason)
         if self.is_up():
             return self.environment()
+        if self.record_path.is_file():  # a cluster here died or was half started: clear what is left
+            self.down()
+        try:
+            self._start(timeout_s)
+        except BaseException:
+            self.down()
+            raise
+        return self.environment()
+
+    def _start(self, timeout_s: float) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / "ctld").mkdir(exist_ok=True)
         ports = ClusterPorts(
@@ -169,7 +179,6 @@ class LoopbackCluster:
                 f"slurmd.{node}.log",
             )
         self._wait_idle(timeout_s)
-        return self.environment()
 
     def render_config(self, ports: ClusterPorts, munge_socket: Path, hostname: str) -> str:
         """slurm.conf for this cluster (short timeouts so requeues and restarts take seconds)."""
@@ -334,14 +343,13 @@ class LoopbackCluster:
         record = self._record()
         if self.conf_path.is_file():
             self._cancel_jobs(timeout_s / 2)
-        pid_files = [self.state_dir / f"slurmd.{node}.pid" for node in NODES] + [
-            self.state_dir / "slurmctld.pid"
-        ]
+        pid_files = [(self.state_dir / f"slurmd.{node}.pid", "slurmd") for node in NODES]
+        pid_files.append((self.state_dir / "slurmctld.pid", "slurmctld"))
         munge_dir = Path(record["munge_dir"]) if record.get("munge_dir") else None
         if munge_dir is not None:
-            pid_files.append(munge_dir / "run" / "munged.pid")
-        for pid_file in pid_files:
-            _stop_pid_file(pid_file, timeout_s / 4)
+            pid_files.append((munge_dir / "run" / "munged.pid", "munged"))
+        for pid_file, daemon in pid_files:
+            _stop_pid_file(pid_file, daemon, timeout_s / 4)
         if munge_dir is not None and munge_dir.is_dir():
             shutil.rmtree(munge_dir, ignore_errors=True)
         self.record_path.unlink(missing_ok=True)
@@ -365,11 +373,17 @@ class LoopbackCluster:
             time.sleep(0.5)
 
 
-def _stop_pid_file(pid_file: Path, timeout_s: float) -> None:
-    """SIGTERM the daemon named by ``pid_file``, SIGKILL it if it outlives ``timeout_s``."""
+def _stop_pid_file(pid_file: Path, daemon: str, timeout_s: float) -> None:
+    """SIGTERM the ``daemon`` whose pid ``pid_file`` holds, SIGKILL it if it outlives ``timeout_s``.
+
+    A pid whose process is not that daemon (a stale file, the pid reused) is left alone.
+    """
     try:
         pid = int(pid_file.read_text().split()[0])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError, IndexError):
+        return
+    if not cmdline or Path(cmdline[0].decode(errors="replace")).name != daemon:
         return
     try:
         os.kill(pid, signal.SIGTERM)
