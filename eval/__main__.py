@@ -1,4 +1,4 @@
-"""``wurst-eval`` / ``python -m eval``: generate (optional) and score a prompt set; see conf/eval/eval.yaml."""
+"""``wurst-eval`` / ``python -m eval``: generate (optional), then score a prompt set (conf/eval/eval.yaml)."""
 
 from __future__ import annotations
 

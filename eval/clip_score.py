@@ -39,10 +39,13 @@ def load_transformers_clip(model: str, processor: str | None = None, what: str =
         if looks_like_path(name) and not Path(name).expanduser().is_dir():
             raise FileNotFoundError(f"{what} {kind} folder {name} does not exist")
         try:
-            loaded.append(loader.from_pretrained(str(Path(name).expanduser()) if looks_like_path(name) else name))
+            loaded.append(
+                loader.from_pretrained(str(Path(name).expanduser()) if looks_like_path(name) else name)
+            )
         except OSError as error:
             raise OSError(
-                f"could not load the {what} {kind} {name!r} ({error}). Without network access, download it once "
+                f"could not load the {what} {kind} {name!r} ({error}). Without network access, download it "
+                "once "
                 f"(`hf download {name} --local-dir DIR`) and pass DIR"
             ) from error
     clip, proc = loaded
@@ -62,7 +65,8 @@ def transformers_embeddings(
         image = _tensor(model.get_image_features(pixel_values=image_inputs["pixel_values"].to(device)))
         text = _tensor(
             model.get_text_features(
-                input_ids=text_inputs["input_ids"].to(device), attention_mask=text_inputs["attention_mask"].to(device)
+                input_ids=text_inputs["input_ids"].to(device),
+                attention_mask=text_inputs["attention_mask"].to(device),
             )
         )
     return _normalise(image), _normalise(text)
@@ -100,11 +104,15 @@ class ClipScore:
         self.backend, self.device = backend, torch.device(device)
         if backend == "transformers":
             if pretrained is not None:
-                raise ValueError("`pretrained` is for the open_clip backend; for transformers pass a name or folder")
+                raise ValueError(
+                    "`pretrained` is for the open_clip backend; for transformers pass a name or folder"
+                )
             self.model, self.processor = load_transformers_clip(model, processor, what="CLIP score")
         else:
             if processor is not None:
-                raise ValueError("`processor` is for the transformers backend; open_clip models bring their own")
+                raise ValueError(
+                    "`processor` is for the transformers backend; open_clip models bring their own"
+                )
             self.model, self.preprocess, self.tokenizer = _load_open_clip(model, pretrained)
         self.model.to(self.device)
         self.reset()
@@ -112,7 +120,9 @@ class ClipScore:
     def reset(self) -> None:
         self._sum, self._count = 0.0, 0
 
-    def embeddings(self, images: Sequence[Image.Image], captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def embeddings(
+        self, images: Sequence[Image.Image], captions: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """L2-normalised ``(image [B, D], text [B, D])``."""
         _check_pairs(images, captions)
         if self.backend == "transformers":

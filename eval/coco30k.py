@@ -77,7 +77,9 @@ def read_coco_captions(path: str | Path) -> dict[str, Any]:
             if absent:
                 problems.append(f"{section}[{index}] lacks {', '.join(repr(f) for f in absent)}")
     if problems:
-        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} entries in all)" if len(problems) > 5 else "")
+        shown = "; ".join(problems[:5]) + (
+            f"; ... ({len(problems)} entries in all)" if len(problems) > 5 else ""
+        )
         raise ValueError(f"COCO captions file {path} has entries with missing fields: {shown}")
     image_ids = {entry["id"] for entry in coco["images"]}
     orphans = [a["id"] for a in coco["annotations"] if a["image_id"] not in image_ids]
@@ -97,10 +99,13 @@ def select_coco_prompts(coco: dict[str, Any], n: int = COCO30K_SIZE, seed: int =
     for annotation in coco["annotations"]:
         caption = str(annotation["caption"]).strip()
         if caption:
-            captions.setdefault(int(annotation["image_id"]), []).append((_rank(seed, annotation["id"]), caption))
+            captions.setdefault(int(annotation["image_id"]), []).append(
+                (_rank(seed, annotation["id"]), caption)
+            )
     if n > len(captions):
         raise ValueError(
-            f"n={n} but the COCO file has only {len(captions)} images with captions; pass --n {len(captions)} "
+            f"n={n} but the COCO file has only {len(captions)} images with captions; "
+            f"pass --n {len(captions)} "
             "or fewer"
         )
     chosen = sorted(sorted(captions, key=lambda image_id: _rank(seed, image_id))[:n])
@@ -129,14 +134,17 @@ def build_coco30k(
     coco = read_coco_captions(annotations)
     records = select_coco_prompts(coco, n, seed)
     if not images_dir.is_dir():
-        raise FileNotFoundError(f"COCO image folder {images_dir} does not exist; pass the unpacked val2014/ folder")
+        raise FileNotFoundError(
+            f"COCO image folder {images_dir} does not exist; pass the unpacked val2014/ folder"
+        )
     file_names = {int(entry["id"]): entry["file_name"] for entry in coco["images"]}
     sources = {r.id: images_dir / file_names[r.image_id] for r in records}
     missing = [str(path.name) for path in sources.values() if not path.is_file()]
     if missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
         raise FileNotFoundError(
-            f"COCO image folder {images_dir} lacks {len(missing)} of the {len(records)} chosen images ({shown}); "
+            f"COCO image folder {images_dir} lacks {len(missing)} of the {len(records)} chosen images "
+            f"({shown}); "
             "is it the complete val2014/ folder of the same COCO release as the captions file?"
         )
 
@@ -179,11 +187,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``wurst-data coco30k`` arguments."""
     parser.add_argument("--annotations", required=True, help="captions_val2014.json of MS-COCO 2014")
     parser.add_argument("--images", required=True, help="the val2014/ image folder")
-    parser.add_argument("--out", required=True, help="output folder (prompts.jsonl, references/, manifest.json)")
-    parser.add_argument("--n", type=int, default=COCO30K_SIZE, help=f"images, one caption each ({COCO30K_SIZE})")
+    parser.add_argument(
+        "--out", required=True, help="output folder (prompts.jsonl, references/, manifest.json)"
+    )
+    parser.add_argument(
+        "--n", type=int, default=COCO30K_SIZE, help=f"images, one caption each ({COCO30K_SIZE})"
+    )
     parser.add_argument("--seed", type=int, default=0, help="selection seed (default 0)")
     parser.add_argument(
-        "--resolution", type=int, default=DEFAULT_RESOLUTION,
+        "--resolution",
+        type=int,
+        default=DEFAULT_RESOLUTION,
         help=f"reference side in pixels after resize + centre crop ({DEFAULT_RESOLUTION})",
     )
     parser.add_argument("--workers", type=int, default=4, help="decode/resize threads (default 4)")
@@ -193,8 +207,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Build the set from parsed :func:`add_arguments` arguments; prints where it went."""
     out = build_coco30k(
-        args.annotations, args.images, args.out, n=args.n, seed=args.seed, resolution=args.resolution,
-        workers=args.workers, progress=not args.no_progress,
+        args.annotations,
+        args.images,
+        args.out,
+        n=args.n,
+        seed=args.seed,
+        resolution=args.resolution,
+        workers=args.workers,
+        progress=not args.no_progress,
     )
     print(f"COCO-30K: {args.n} prompts in {out / 'prompts.jsonl'}, references in {out / 'references'}")
     return 0
@@ -202,7 +222,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m eval.coco30k --annotations ... --images ... --out ...``."""
-    parser = argparse.ArgumentParser(prog="coco30k", description="Build the COCO-30K prompt and reference set.")
+    parser = argparse.ArgumentParser(
+        prog="coco30k", description="Build the COCO-30K prompt and reference set."
+    )
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

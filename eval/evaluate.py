@@ -14,13 +14,16 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 from tqdm.auto import tqdm
 
 from eval.clip_score import ClipScore
@@ -67,16 +70,30 @@ def run_generation(cfg: DictConfig, records: Sequence[Any], images_dir: Path, de
     """Build the sampler from ``generation.sampler`` and write this rank's missing images."""
     node = cfg.generation.sampler
     if node is None:
-        raise ValueError("pipeline= is set but generation.sampler is null; give it a `_target_` that builds the cascade")
+        raise ValueError(
+            "pipeline= is set but generation.sampler is null; give it a `_target_` that builds the cascade"
+        )
     overrides = {"device": str(device)} if OmegaConf.select(node, "device") == "auto" else {}
     sampler = instantiate(node, **overrides)
     gen = cfg.generation
     summary = generate_images(
-        sampler, records, images_dir, height=gen.height, width=gen.width, batch_size=gen.batch_size,
-        base_seed=gen.seed, generator_device=gen.generator_device, progress=cfg.progress,
+        sampler,
+        records,
+        images_dir,
+        height=gen.height,
+        width=gen.width,
+        batch_size=gen.batch_size,
+        base_seed=gen.seed,
+        generator_device=gen.generator_device,
+        progress=cfg.progress,
     )
-    log.info("rank %d/%d: wrote %d images, %d already there", summary.rank, summary.world_size,
-             len(summary.written), len(summary.skipped))
+    log.info(
+        "rank %d/%d: wrote %d images, %d already there",
+        summary.rank,
+        summary.world_size,
+        len(summary.written),
+        len(summary.skipped),
+    )
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -115,47 +132,88 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-def score(cfg: DictConfig, records: Sequence[Any], paths: Sequence[Path], device: torch.device) -> dict[str, Any]:
-    """All enabled metrics for ``paths[i]`` generated from ``records[i]``."""
+def decoded_batches(
+    paths: Sequence[Path], batch_size: int, workers: int = 4, desc: str = "", progress: bool = True
+) -> Iterator[list[Image.Image]]:
+    """Batches of decoded RGB images, in order; a thread pool decodes up to ``2·workers`` batches ahead
+    (PNG decoding, not the metric networks, bounds the speed of scoring 30,000 images)."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        pending: deque[Future] = deque()
+        batches = iter(_batches(paths, batch_size))
+        bar = tqdm(total=len(paths), desc=desc, disable=not progress, unit="img")
+        with bar:
+            while True:
+                while len(pending) < 2 * max(1, workers):
+                    batch = next(batches, None)
+                    if batch is None:
+                        break
+                    pending.append(pool.submit(lambda b: [load_rgb(p) for p in b], batch))
+                if not pending:
+                    return
+                images = pending.popleft().result()
+                bar.update(len(images))
+                yield images
+
+
+def build_metrics(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
+    """The enabled metric objects of ``cfg.metrics`` on ``device``."""
     m = cfg.metrics
     if m.fid.enabled and not cfg.references:
         raise ValueError(
-            "FID needs reference images: pass references=<folder> (`wurst-data coco30k` writes <out>/references) "
+            "FID needs reference images: pass references=<folder> "
+            "(`wurst-data coco30k` writes <out>/references) "
             "or metrics.fid.enabled=false"
         )
-    fid = build_fid(m.fid.weights, m.fid.feature, m.fid.antialias).to(device) if m.fid.enabled else None
-    inception_score = (
-        build_inception_score(m.inception_score.weights, m.inception_score.feature, m.inception_score.splits,
-                              m.inception_score.antialias).to(device)
-        if m.inception_score.enabled else None
-    )
-    clip = (
-        ClipScore(m.clip_score.model, m.clip_score.backend, m.clip_score.pretrained, device, m.clip_score.processor)
-        if m.clip_score.enabled else None
-    )
-    pick = PickScore(m.pickscore.model, m.pickscore.processor, device) if m.pickscore.enabled else None
+    metrics: dict[str, Any] = {}
+    if m.fid.enabled:
+        metrics["fid"] = build_fid(m.fid.weights, m.fid.feature, m.fid.antialias).to(device)
+    if m.inception_score.enabled:
+        s = m.inception_score
+        metrics["inception_score"] = build_inception_score(s.weights, s.feature, s.splits, s.antialias).to(
+            device
+        )
+    if m.clip_score.enabled:
+        c = m.clip_score
+        metrics["clip_score"] = ClipScore(c.model, c.backend, c.pretrained, device, c.processor)
+    if m.pickscore.enabled:
+        metrics["pickscore"] = PickScore(m.pickscore.model, m.pickscore.processor, device)
+    return metrics
 
-    batches = list(zip(_batches(paths, cfg.batch_size), _batches(records, cfg.batch_size)))
-    for batch_paths, batch_records in tqdm(batches, desc="score", disable=not cfg.progress):
-        images = [load_rgb(p) for p in batch_paths]
-        captions = [r.caption for r in batch_records]
+
+def score(
+    cfg: DictConfig, records: Sequence[Any], paths: Sequence[Path], device: torch.device
+) -> dict[str, Any]:
+    """All enabled metrics for ``paths[i]`` generated from ``records[i]``."""
+    built = build_metrics(cfg, device)
+    fid, inception_score = built.get("fid"), built.get("inception_score")
+    clip, pick = built.get("clip_score"), built.get("pickscore")
+    captions = [r.caption for r in records]
+
+    def pixels(images: list[Image.Image]) -> torch.Tensor:
+        # The reference preprocessing, for our images as for the references (eval.image_folder).
+        return to_uint8_batch([resize_center_crop(image, cfg.resolution) for image in images]).to(device)
+
+    done = 0
+    for images in decoded_batches(paths, cfg.batch_size, cfg.loader_workers, "score", cfg.progress):
+        batch_captions, done = captions[done : done + len(images)], done + len(images)
         if fid is not None or inception_score is not None:
-            pixels = to_uint8_batch([resize_center_crop(image, cfg.resolution) for image in images]).to(device)
+            batch_pixels = pixels(images)
             if fid is not None:
-                fid.update(pixels, real=False)
+                fid.update(batch_pixels, real=False)
             if inception_score is not None:
-                inception_score.update(pixels)
+                inception_score.update(batch_pixels)
         if clip is not None:
-            clip.update(images, captions)
+            clip.update(images, batch_captions)
         if pick is not None:
-            pick.update(images, captions)
+            pick.update(images, batch_captions)
 
     metrics: dict[str, Any] = {}
     if fid is not None:
         references = list_images(cfg.references, what="reference folder")
-        for batch_paths in tqdm(_batches(references, cfg.batch_size), desc="references", disable=not cfg.progress):
-            pixels = [resize_center_crop(load_rgb(p), cfg.resolution) for p in batch_paths]
-            fid.update(to_uint8_batch(pixels).to(device), real=True)
+        for images in decoded_batches(
+            references, cfg.batch_size, cfg.loader_workers, "references", cfg.progress
+        ):
+            fid.update(pixels(images), real=True)
         metrics["fid"] = float(fid.compute())
         metrics["fid_references"] = len(references)
     if inception_score is not None:
@@ -165,16 +223,16 @@ def score(cfg: DictConfig, records: Sequence[Any], paths: Sequence[Path], device
         metrics["clip_score"] = clip.compute()
     if pick is not None:
         metrics["pickscore"] = pick.compute()
-        ours = pick.scores()
         preferences = {}
-        for other, folder in (m.pickscore.compare or {}).items():
+        for other, folder in (cfg.metrics.pickscore.compare or {}).items():
             other_paths = images_for_prompts(folder, records, what=f"comparison images of {other}")
-            theirs = torch.cat([
-                pick.score([load_rgb(p) for p in batch_paths], [r.caption for r in batch_records])
-                for batch_paths, batch_records in zip(_batches(other_paths, cfg.batch_size),
-                                                      _batches(records, cfg.batch_size))
-            ])
-            preferences[str(other)] = preference(ours, theirs)
+            theirs, done = [], 0
+            for images in decoded_batches(
+                other_paths, cfg.batch_size, cfg.loader_workers, str(other), cfg.progress
+            ):
+                theirs.append(pick.score(images, captions[done : done + len(images)]))
+                done += len(images)
+            preferences[str(other)] = preference(pick.scores(), torch.cat(theirs))
         if preferences:
             metrics["pickscore_preference"] = preferences
     return metrics

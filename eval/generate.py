@@ -55,7 +55,9 @@ def rank_and_world_size() -> tuple[int, int]:
 
 def _check_rank(rank: int, world_size: int) -> tuple[int, int]:
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} / world_size {world_size}: need world_size ≥ 1 and 0 ≤ rank < world_size")
+        raise ValueError(
+            f"rank {rank} / world_size {world_size}: need world_size ≥ 1 and 0 ≤ rank < world_size"
+        )
     return rank, world_size
 
 
@@ -65,7 +67,9 @@ def shard(records: Sequence[PromptRecord], rank: int, world_size: int) -> list[P
     return [r for r in records if r.index % world_size == rank]
 
 
-def prompt_generators(records: Sequence[PromptRecord], base_seed: int, device: str = "cpu") -> list[torch.Generator]:
+def prompt_generators(
+    records: Sequence[PromptRecord], base_seed: int, device: str = "cpu"
+) -> list[torch.Generator]:
     """One generator per prompt, seeded ``base_seed + index``."""
     return [torch.Generator(device=device).manual_seed(base_seed + r.index) for r in records]
 
@@ -108,7 +112,9 @@ def generate_images(
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             images = sampler(
-                [r.caption for r in batch], height, width,
+                [r.caption for r in batch],
+                height,
+                width,
                 generator=prompt_generators(batch, base_seed, generator_device),
             )
             _check_images(images, len(batch), height, width)
@@ -127,4 +133,6 @@ def _check_images(images: object, count: int, height: int, width: int) -> None:
             f"[{count}, 3, {height}, {width}] in [0, 1] (the CascadeSampler contract)"
         )
     if not torch.isfinite(images).all():
-        raise ValueError("the sampler returned non-finite pixels (NaN/inf); check the checkpoints and precision")
+        raise ValueError(
+            "the sampler returned non-finite pixels (NaN/inf); check the checkpoints and precision"
+        )

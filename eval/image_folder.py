@@ -75,13 +75,17 @@ def list_images(folder: str | Path, what: str = "image folder") -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{what} {folder} does not exist or is not a folder")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    paths = sorted(
+        p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
     if not paths:
         raise FileNotFoundError(f"{what} {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return paths
 
 
-def images_for_prompts(folder: str | Path, records: Sequence[PromptRecord], what: str = "images") -> list[Path]:
+def images_for_prompts(
+    folder: str | Path, records: Sequence[PromptRecord], what: str = "images"
+) -> list[Path]:
     """``<folder>/<id>.<ext>`` for each prompt, in prompt order; names the missing ones if any."""
     folder = Path(folder)
     if not folder.is_dir():

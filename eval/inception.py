@@ -32,7 +32,8 @@ def resolve_inception_weights(weights: str | Path | None) -> str | None:
         candidates = candidates or sorted(path.glob("*.pth"))
         if len(candidates) != 1:
             raise FileNotFoundError(
-                f"Inception weights folder {path} should hold {INCEPTION_WEIGHTS_FILE} (or exactly one .pth); "
+                f"Inception weights folder {path} should hold {INCEPTION_WEIGHTS_FILE} "
+                "(or exactly one .pth); "
                 f"found {[p.name for p in candidates]}"
             )
         path = candidates[0]
@@ -62,7 +63,9 @@ def build_fid(
 
 
 def build_inception_score(
-    weights: str | Path | None = None, feature: str | int = "logits_unbiased", splits: int = 10,
+    weights: str | Path | None = None,
+    feature: str | int = "logits_unbiased",
+    splits: int = 10,
     antialias: bool = False,
 ) -> InceptionScore:
     """torchmetrics IS over Inception's class logits (``splits`` = 10 as in Salimans et al.).

@@ -43,7 +43,9 @@ class PickScore:
     def score(self, images: Sequence[Image.Image], captions: Sequence[str]) -> torch.Tensor:
         """Per-pair PickScore ``[B]`` = logit_scale.exp() · cos(image, caption)."""
         if len(images) != len(captions):
-            raise ValueError(f"got {len(images)} images but {len(captions)} captions; they are scored in pairs")
+            raise ValueError(
+                f"got {len(images)} images but {len(captions)} captions; they are scored in pairs"
+            )
         image, text = transformers_embeddings(self.model, self.processor, images, captions, self.device)
         return (self.model.logit_scale.exp().float() * (image * text).sum(dim=-1)).cpu()
 

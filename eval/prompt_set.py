@@ -81,7 +81,9 @@ def _read_jsonl(path: Path, lines: list[str]) -> list[PromptRecord]:
             raise TypeError(f"{where}: each line must be a JSON object with 'id' and 'caption'")
         missing = [key for key in ("id", "caption") if key not in row]
         if missing:
-            raise ValueError(f"{where} lacks {missing}; each line needs 'id' and 'caption' ('image_id' optional)")
+            raise ValueError(
+                f"{where} lacks {missing}; each line needs 'id' and 'caption' ('image_id' optional)"
+            )
         if not isinstance(row["caption"], str):
             raise TypeError(f"{where}: 'caption' must be a string, got {type(row['caption']).__name__}")
         image_id = row.get("image_id")

@@ -69,7 +69,8 @@ def results_table(
     notes = []
     if images != COCO30K_SIZE and metrics.get("fid") is not None:
         notes.append(
-            f"FID over {images:,} images is not comparable with FID-30K (FID is biased upward for small sets)."
+            f"FID over {images:,} images is not comparable with FID-30K "
+            "(FID is biased upward for small sets)."
         )
     for other, value in sorted(metrics.get("pickscore_preference", {}).items()):
         notes.append(f"PickScore preference for our images over {other}: {value:.1%} (softmax per caption).")
@@ -83,7 +84,9 @@ def write_results_table(path: str | Path, *args: Any, **kwargs: Any) -> Path:
     return path
 
 
-def write_sample_grid(images: Sequence[str | Path], path: str | Path, columns: int = 4, tile: int = 256) -> Path:
+def write_sample_grid(
+    images: Sequence[str | Path], path: str | Path, columns: int = 4, tile: int = 256
+) -> Path:
     """A PNG grid of the given image files (row-major, centre-cropped ``tile``² each)."""
     if not images:
         raise ValueError("sample grid: no images given")
@@ -92,5 +95,7 @@ def write_sample_grid(images: Sequence[str | Path], path: str | Path, columns: i
     rows = math.ceil(len(images) / columns)
     grid = Image.new("RGB", (min(columns, len(images)) * tile, rows * tile), "white")
     for i, image_path in enumerate(images):
-        grid.paste(resize_center_crop(load_rgb(image_path), tile), ((i % columns) * tile, (i // columns) * tile))
+        grid.paste(
+            resize_center_crop(load_rgb(image_path), tile), ((i % columns) * tile, (i // columns) * tile)
+        )
     return write_png_atomic(grid, Path(path))

@@ -88,7 +88,9 @@ def inception_weights(tmp_path_factory, _session_one_thread) -> Path:
     folder = tmp_path_factory.mktemp("inception")
     torch.save({}, folder / "empty.pt")
     torch.manual_seed(0)
-    network = RandomInception("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(folder / "empty.pt"))
+    network = RandomInception(
+        "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(folder / "empty.pt")
+    )
     for module in network.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
@@ -110,7 +112,9 @@ def colour_pairs() -> tuple[list[Image.Image], list[str]]:
 
 
 @pytest.fixture(scope="session")
-def tiny_transformers_clip(tmp_path_factory, clip_tokenizer_dir, colour_pairs, _session_one_thread) -> dict[str, Path]:
+def tiny_transformers_clip(
+    tmp_path_factory, clip_tokenizer_dir, colour_pairs, _session_one_thread
+) -> dict[str, Path]:
     """``{"model": dir, "processor": dir}`` of a tiny transformers CLIP fitted to the colour pairs.
 
     The model folder also holds the processor files (as Hub CLIP repos do); PickScore's tests load the
@@ -121,10 +125,23 @@ def tiny_transformers_clip(tmp_path_factory, clip_tokenizer_dir, colour_pairs, _
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
     config = CLIPConfig(
-        text_config={"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "max_position_embeddings": 77, "eos_token_id": 49407},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+        text_config={
+            "vocab_size": 49408,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 77,
+            "eos_token_id": 49407,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
         projection_dim=16,
     )
     torch.manual_seed(0)
@@ -162,12 +179,17 @@ def tiny_open_clip_dir(tmp_path_factory, colour_pairs, _session_one_thread) -> P
         text = nn.functional.normalize(model.encode_text(tokens), dim=-1)
         logits = model.logit_scale.exp() * image @ text.T
         labels = torch.arange(len(captions))
-        return (nn.functional.cross_entropy(logits, labels) + nn.functional.cross_entropy(logits.T, labels)) / 2
+        return (
+            nn.functional.cross_entropy(logits, labels) + nn.functional.cross_entropy(logits.T, labels)
+        ) / 2
 
     _fit_contrastive(loss, model.parameters())
     folder = tmp_path_factory.mktemp("open_clip")
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(folder / "open_clip_model.safetensors"),
+    )
     return folder
 
 
@@ -183,11 +205,15 @@ def fake_coco(tmp_path) -> dict[str, Path]:
         image_id = 1000 + 7 * i
         name = f"COCO_val2014_{image_id:012d}.jpg"
         width, height = (64 + 8 * (i % 3), 48 + 8 * (i % 2))  # non-square, as COCO's are
-        colour_image(colours[i % len(colours)], size=max(width, height), seed=i).crop((0, 0, width, height)).save(
-            images_dir / name
-        )
+        colour_image(colours[i % len(colours)], size=max(width, height), seed=i).crop(
+            (0, 0, width, height)
+        ).save(images_dir / name)
         images.append({"id": image_id, "file_name": name, "width": width, "height": height})
-        captions = ["   "] if i == 12 else [f"A {colours[i % len(colours)]} thing number {i}. \n", f"Another view {i}"]
+        captions = (
+            ["   "]
+            if i == 12
+            else [f"A {colours[i % len(colours)]} thing number {i}. \n", f"Another view {i}"]
+        )
         for caption in captions:
             annotations.append({"id": 50_000 + len(annotations), "image_id": image_id, "caption": caption})
     annotations_path = tmp_path / "captions_val2014.json"
@@ -201,10 +227,14 @@ def build_tiny_networks() -> dict[str, nn.Module]:
     from hydra.utils import instantiate
 
     torch.manual_seed(0)
-    networks = {name: instantiate(OmegaConf.load(CONF / "model" / name / "tiny.yaml")) for name in
-                ("stage_a", "stage_b", "stage_c")}
+    networks = {
+        name: instantiate(OmegaConf.load(CONF / "model" / name / "tiny.yaml"))
+        for name in ("stage_a", "stage_b", "stage_c")
+    }
     for stage in ("b", "c"):
-        networks[f"text_encoder_{stage}"] = instantiate(OmegaConf.load(CONF / "model" / "text_encoder" / "tiny.yaml"))
+        networks[f"text_encoder_{stage}"] = instantiate(
+            OmegaConf.load(CONF / "model" / "text_encoder" / "tiny.yaml")
+        )
     return {name: network.eval() for name, network in networks.items()}
 
 

@@ -60,7 +60,10 @@ def test_clip_score_is_100_times_the_clamped_cosine_as_torchmetrics_defines_it(
             return self.model.get_text_features(*args, **kwargs).pooler_output
 
     reference = CLIPScore(
-        model_name_or_path=lambda: (TensorFeatures(transformers_clip_score.model), transformers_clip_score.processor)
+        model_name_or_path=lambda: (
+            TensorFeatures(transformers_clip_score.model),
+            transformers_clip_score.processor,
+        )
     )
     images, captions = colour_pairs
     pixels = [torch.from_numpy(__import__("numpy").asarray(image)).permute(2, 0, 1) for image in images]
@@ -75,7 +78,9 @@ def test_clip_score_mean_accumulates_over_batches(transformers_clip_score, colou
     transformers_clip_score.reset()
     transformers_clip_score.update(images[:2], captions[:2])
     transformers_clip_score.update(images[2:], captions[2:])
-    assert transformers_clip_score.compute() == pytest.approx(float(transformers_clip_score.score(images, captions).mean()))
+    assert transformers_clip_score.compute() == pytest.approx(
+        float(transformers_clip_score.score(images, captions).mean())
+    )
 
 
 def test_pickscore_ranks_matching_captions_higher(pickscore, colour_pairs):
@@ -86,7 +91,12 @@ def test_pickscore_ranks_matching_captions_higher(pickscore, colour_pairs):
 def test_pickscore_is_logit_scale_times_cosine(pickscore, colour_pairs):
     images, captions = colour_pairs
     clip = ClipScore.__new__(ClipScore)  # same embeddings through the CLIP-score path
-    clip.backend, clip.model, clip.processor, clip.device = "transformers", pickscore.model, pickscore.processor, pickscore.device
+    clip.backend, clip.model, clip.processor, clip.device = (
+        "transformers",
+        pickscore.model,
+        pickscore.processor,
+        pickscore.device,
+    )
     image, text = clip.embeddings(images, captions)
     expected = pickscore.model.logit_scale.exp() * (image * text).sum(-1)
     assert torch.allclose(pickscore.score(images, captions), expected, atol=1e-5)

@@ -32,7 +32,9 @@ def hf_tokenizer(tokenizer_dir) -> CLIPTokenizer:
 
 
 def hf_ids(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
-    return tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    return tokenizer(
+        captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
 
 
 def test_writes_the_transformers_tokenizer_files(tokenizer_dir):
