@@ -13,6 +13,7 @@ Nothing is downloaded. The metric networks are the real classes with tiny or ran
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -46,37 +47,37 @@ def colour_image(colour: str, size: int = 48, seed: int = 0) -> Image.Image:
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
 
 
+@contextmanager
+def one_thread():
+    """One intra-op thread for these tiny models: on a shared 2-core CPU, thread oversubscription makes
+    them 10-100x slower than the work itself. Restored afterwards, so other test areas are unaffected."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """One intra-op thread for these tiny models: on a shared 2-core CPU, thread oversubscription makes
-    them 10-100x slower than the work itself."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def _session_one_thread():
-    # Session fixtures are set up before the function-scoped one above takes effect.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 def _fit_contrastive(step_loss, parameters, steps: int = 60, lr: float = 3e-3) -> None:
     optimiser = torch.optim.Adam(parameters, lr=lr)
-    for _ in range(steps):
-        optimiser.zero_grad()
-        loss = step_loss()
-        loss.backward()
-        optimiser.step()
+    with one_thread():
+        for _ in range(steps):
+            optimiser.zero_grad()
+            loss = step_loss()
+            loss.backward()
+            optimiser.step()
 
 
 # ----- Inception ---------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def inception_weights(tmp_path_factory, _session_one_thread) -> Path:
+def inception_weights(tmp_path_factory) -> Path:
     """A weights file of torch-fidelity's InceptionV3 with random (He) weights."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
@@ -112,9 +113,7 @@ def colour_pairs() -> tuple[list[Image.Image], list[str]]:
 
 
 @pytest.fixture(scope="session")
-def tiny_transformers_clip(
-    tmp_path_factory, clip_tokenizer_dir, colour_pairs, _session_one_thread
-) -> dict[str, Path]:
+def tiny_transformers_clip(tmp_path_factory, clip_tokenizer_dir, colour_pairs) -> dict[str, Path]:
     """``{"model": dir, "processor": dir}`` of a tiny transformers CLIP fitted to the colour pairs.
 
     The model folder also holds the processor files (as Hub CLIP repos do); PickScore's tests load the
@@ -157,7 +156,7 @@ def tiny_transformers_clip(
 
 
 @pytest.fixture(scope="session")
-def tiny_open_clip_dir(tmp_path_factory, colour_pairs, _session_one_thread) -> Path:
+def tiny_open_clip_dir(tmp_path_factory, colour_pairs) -> Path:
     """A ``local-dir:`` open_clip folder (open_clip_config.json + weights) fitted to the colour pairs."""
     import open_clip
     from safetensors.torch import save_file
@@ -239,7 +238,7 @@ def build_tiny_networks() -> dict[str, nn.Module]:
 
 
 @pytest.fixture(scope="session")
-def tiny_cascade(_session_one_thread):
+def tiny_cascade():
     """models.cascade.CascadeSampler over the tiny networks with conf/sampler/tiny.yaml settings."""
     from models.cascade import CascadeSampler
     from train.cascade_loading import sampler_config

@@ -107,7 +107,7 @@ def test_missing_images_are_counted_and_named(colour_set, metric_overrides):
 
 
 @pytest.fixture(scope="session")
-def tiny_pipeline_dir(tmp_path_factory, _session_one_thread):
+def tiny_pipeline_dir(tmp_path_factory):
     """A pipeline directory with random-init tiny Stage A/B/C exports (train.export's layout)."""
     from train.export import write_network, write_provenance
 
