@@ -131,11 +131,13 @@ def test_command_line_builds_the_set(fake_coco, tmp_path, capsys):
     assert "5 prompts" in capsys.readouterr().out
 
 
-def test_is_a_wurst_data_subcommand(fake_coco, tmp_path):
+def test_is_a_wurst_data_subcommand(fake_coco, tmp_path, monkeypatch):
+    from data.cli import SUBCOMMANDS
     from data.cli import main as wurst_data
-    from data.cli import register_subcommand
 
-    register_subcommand(SUBCOMMAND)
+    # As the entry point "wurst.data_subcommands: coco30k = eval.coco30k:SUBCOMMAND" registers it;
+    # monkeypatch takes it out again so other areas' tests see wurst-data's own registry.
+    monkeypatch.setitem(SUBCOMMANDS, "coco30k", SUBCOMMAND)
     wurst_data(
         [
             "coco30k",
