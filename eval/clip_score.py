@@ -38,16 +38,16 @@ def load_transformers_clip(model: str, processor: str | None = None, what: str =
     for kind, name, loader in (("model", model, CLIPModel), ("processor", processor or model, AutoProcessor)):
         if looks_like_path(name) and not Path(name).expanduser().is_dir():
             raise FileNotFoundError(f"{what} {kind} folder {name} does not exist")
+        local = looks_like_path(name)
         try:
-            loaded.append(
-                loader.from_pretrained(str(Path(name).expanduser()) if looks_like_path(name) else name)
-            )
+            loaded.append(loader.from_pretrained(str(Path(name).expanduser()) if local else name))
         except OSError as error:
-            raise OSError(
-                f"could not load the {what} {kind} {name!r} ({error}). Without network access, download it "
-                "once "
-                f"(`hf download {name} --local-dir DIR`) and pass DIR"
-            ) from error
+            fix = (
+                f"the folder lacks the {kind} files; point the {kind} setting at a folder that has them"
+                if local
+                else f"offline, download it once (`hf download {name} --local-dir DIR`) and pass DIR"
+            )
+            raise OSError(f"could not load the {what} {kind} {name!r}: {fix} ({error})") from error
     clip, proc = loaded
     return clip.eval().requires_grad_(False), proc
 

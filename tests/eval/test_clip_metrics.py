@@ -134,3 +134,9 @@ def test_an_open_clip_folder_without_config_is_named(tmp_path):
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="open_clip"):
         ClipScore("x", backend="jax")
+
+
+def test_an_unavailable_hub_model_says_how_to_use_a_local_copy(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match=r"hf download no-such-org/pickscore --local-dir DIR"):
+        PickScore("no-such-org/pickscore", "no-such-org/processor")
