@@ -77,7 +77,6 @@ class Attention(nn.Module):
         if c % nhead != 0:
             raise ValueError(f"attention width c={c} must be divisible by nhead={nhead}")
         self.nhead = nhead
-        self.dropout = dropout
         self.to_q = nn.Linear(c, c)
         self.to_k = nn.Linear(c, c)
         self.to_v = nn.Linear(c, c)
@@ -92,9 +91,9 @@ class Attention(nn.Module):
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.unflatten(-1, (self.nhead, c // self.nhead)).transpose(1, 2)  # [B, nhead, L, C/nhead]
 
-        out = F.scaled_dot_product_attention(
-            heads(q), heads(k), heads(v), dropout_p=self.dropout if self.training else 0.0
-        )
+        # Dropout only after the output projection (to_out.1), as diffusers' Würstchen blocks do:
+        # attention-probability dropout would also force SDPA off its fused kernels.
+        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
         out = out.transpose(1, 2).flatten(2)  # [B, HW, C]
         out = self.to_out[1](self.to_out[0](out))
         return out.transpose(1, 2).reshape(b, c, h, w)

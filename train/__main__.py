@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -19,6 +21,7 @@ def run(cfg: DictConfig) -> float | None:
         from train.run_stage import train_stage
 
         metrics = train_stage(cfg)
+        write_member_metrics(metrics)
         return metrics.get("train/loss")
     from train.pipeline import run_pipeline
     from train.pipeline_report import report_pipeline
@@ -26,6 +29,18 @@ def run(cfg: DictConfig) -> float | None:
     result = run_pipeline(cfg)
     report_pipeline(cfg, result)
     return None
+
+
+def write_member_metrics(metrics: dict) -> None:
+    """Final metrics beside Hydra's output, where the sweep summary reads them."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        out = Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
 
 def main() -> None:

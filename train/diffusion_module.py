@@ -124,7 +124,10 @@ class DiffusionStageModule(L.LightningModule):
         accumulate = max(1, int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1))
         seed_step(self.seed, self.global_step, self.global_rank, batch_idx % accumulate)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here rather than in on_train_batch_end: callbacks (the periodic checkpoint) run before the
+        # module's on_train_batch_end, and a checkpoint must hold the EMA of the step it records.
         if self.ema is not None:
             self.ema.update(self.network, self.global_step)
 

@@ -49,15 +49,11 @@ def report_pipeline(cfg: DictConfig, result: dict[str, Any]) -> dict[str, Any]:
             f"  color check      background color right in {check['background_color_accuracy']:.0%} of "
             f"{check['images']} images (chance {check['chance']:.0%})"
         )
-    try:
-        from train.accounting.pipeline import pipeline_table
+    from train.accounting.pipeline import pipeline_table, read_pipeline
 
-        table = pipeline_table(pipeline_dir)
-        (pipeline_dir / "ledger.md").write_text(table + "\n")
-        lines.append(f"  carbon ledger    {pipeline_dir / 'ledger.md'}")
-        summary["ledger"] = str(pipeline_dir / "ledger.md")
-    except ImportError:
-        pass
+    (pipeline_dir / "ledger.md").write_text(pipeline_table(pipeline_dir) + "\n")
+    lines.append(f"  carbon ledger    {pipeline_dir / 'ledger.md'}")
+    summary["ledger"] = str(pipeline_dir / "ledger.md")
     for stage in ("a", "b", "c"):
         stage_dir = pipeline_dir / f"stage_{stage}"
         if stage_dir.is_dir():
@@ -67,5 +63,6 @@ def report_pipeline(cfg: DictConfig, result: dict[str, Any]) -> dict[str, Any]:
     manifest_path = pipeline_dir / "pipeline.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     manifest["report"] = summary
+    manifest["accounting"] = read_pipeline(pipeline_dir).to_dict()
     manifest_path.write_text(json.dumps(manifest, indent=2))
     return summary

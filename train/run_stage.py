@@ -95,12 +95,16 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list
         # Stage A optimises manually (generator + discriminator): Lightning must not clip for it.
         trainer_cfg.pop("gradient_clip_val", None)
         trainer_cfg.pop("gradient_clip_algorithm", None)
+    from slurm.preemption import CheckpointOnTerminate, slurm_plugins
+
+    # Under SLURM: checkpoint + requeue on the --signal warning, checkpoint on SIGTERM (scontrol
+    # requeue, preemption); resume=auto then finds the hpc_ckpt_*.ckpt in run_dir (slurm/preemption.py).
     return hydra.utils.instantiate(
         trainer_cfg,
         default_root_dir=str(run_dir),
-        callbacks=callbacks,
+        callbacks=[*callbacks, CheckpointOnTerminate()],
         logger=loggers or False,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[*slurm_plugins(), AtomicCheckpointIO()],
         accumulate_grad_batches=int(cfg.accumulate_grad_batches),
         _convert_="all",
     )

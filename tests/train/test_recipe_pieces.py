@@ -18,7 +18,7 @@ def test_per_device_batch_divides_global_batch_by_world_and_accumulation():
 
 
 def test_indivisible_global_batch_is_an_error_naming_the_fix():
-    with pytest.raises(ValueError, match=r"global_batch_size=100 is not divisible by world size 8 × accumulate_grad_batches 1"):
+    with pytest.raises(ValueError, match=r"global_batch_size=100 is not divisible by world size 8 x accumulate_grad_batches 1"):
         per_device_batch_size(100, 8, 1)
 
 
