@@ -49,6 +49,7 @@ def load_cascade(
     sampler: str | dict[str, Any] = "paper",
     stage_c: nn.Module | None = None,
     text_encoder_c: nn.Module | None = None,
+    hand_off: dict[str, float] | None = None,
     device: str = "cpu",
     **overrides: Any,
 ) -> CascadeSampler:
@@ -63,8 +64,13 @@ def load_cascade(
         c_dir = require_export(pipeline_dir / "stage_c" / "export", "c", why="the cascade starts from Stage C")
         stage_c = load_network(c_dir).to(device)
         text_encoder_c = load_text_encoder(c_dir).to(device)
+        hand_off = c_dir / "hand_off.json"
+        if hand_off.is_file():  # a Stage C trained on its own compressor statistics
+            settings.update(json.loads(hand_off.read_text()))
     elif text_encoder_c is None:
         raise ValueError("load_cascade: pass text_encoder_c together with stage_c")
+    if hand_off:
+        settings.update(hand_off)
     return CascadeSampler(
         stage_c=stage_c,
         stage_b=load_network(b_dir).to(device),

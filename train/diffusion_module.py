@@ -32,6 +32,18 @@ def seed_step(seed: int, step: int, rank: int, micro_batch: int = 0) -> None:
     torch.manual_seed(mixed)
 
 
+def non_finite_message(module: L.LightningModule, count: int) -> str:
+    from train.checkpointing import find_resume_checkpoint
+
+    run_dir = getattr(module.trainer, "default_root_dir", None)
+    last = find_resume_checkpoint(f"{run_dir}/checkpoints") if run_dir else None
+    return (
+        f"{count} consecutive steps with a non-finite loss or gradients, the last at step {module.global_step}; "
+        f"stopping. Last good checkpoint: {last or 'none yet'}. Lower optim.lr, check the data "
+        f"(data/* skip counts) or resume from that checkpoint with resume=<path>."
+    )
+
+
 def instantiate_network(config: Mapping[str, Any]) -> nn.Module:
     """Builds a network from a plain ``{_target_: ..., **kwargs}`` dict."""
     return hydra.utils.instantiate(dict(config), _convert_="all")
@@ -55,6 +67,7 @@ class DiffusionStageModule(L.LightningModule):
         diffusion: Mapping[str, Any],
         log_every: int = 10,
         seed: int = 0,
+        max_bad_steps: int = 20,
     ):
         super().__init__()
         self.seed = int(seed)
@@ -63,6 +76,9 @@ class DiffusionStageModule(L.LightningModule):
         self.diffusion_cfg = dict(diffusion)
         self.log_every = log_every
         self.ema: EMA | None = None
+        self.max_bad_steps = int(max_bad_steps)
+        self.skipped_steps = 0
+        self.bad_in_a_row = 0
 
     # -- setup -------------------------------------------------------------------------------------
     def init_ema(self) -> None:
@@ -124,8 +140,28 @@ class DiffusionStageModule(L.LightningModule):
         accumulate = max(1, int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1))
         seed_step(self.seed, self.global_step, self.global_rank, batch_idx % accumulate)
 
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """Runs forward + backward, then steps only when loss and gradients are finite.
+
+        A non-finite step is skipped (gradients dropped, nothing updated, counted in
+        ``train/skipped_steps``); after ``max_bad_steps`` in a row the run stops with the step and the
+        last good checkpoint named. Under DDP the gradients are already all-reduced here, so every
+        rank takes the same decision.
+        """
+        loss = optimizer_closure() if optimizer_closure is not None else None
+        finite = all(torch.isfinite(p.grad).all() for p in self.parameters() if p.grad is not None)
+        if loss is not None:
+            finite = finite and bool(torch.isfinite(loss).all())
+        if not finite:
+            self.skipped_steps += 1
+            self.bad_in_a_row += 1
+            optimizer.zero_grad(set_to_none=True)
+            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
+            if self.bad_in_a_row >= self.max_bad_steps:
+                raise FloatingPointError(non_finite_message(self, self.bad_in_a_row))
+            return
+        self.bad_in_a_row = 0
+        optimizer.step(closure=lambda: loss)
         # Here rather than in on_train_batch_end: callbacks (the periodic checkpoint) run before the
         # module's on_train_batch_end, and a checkpoint must hold the EMA of the step it records.
         if self.ema is not None:

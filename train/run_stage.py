@@ -190,7 +190,9 @@ def data_provenance(datamodule: L.LightningDataModule) -> dict[str, Any]:
 def export_stage(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, run_dir: Path,
                  extra_provenance: dict[str, Any]) -> Path:
     export_dir = run_dir / "export"
-    write_network(export_dir, "model", module.export_network(), network_config(plain(cfg.stage.module.network)))
+    config = network_config(plain(cfg.stage.module.network))
+    config.update(getattr(module, "export_config_updates", dict)())
+    write_network(export_dir, "model", module.export_network(), config)
     for name, (net, net_cfg) in getattr(module, "export_networks", dict)().items():
         write_network(export_dir, name, net, network_config(net_cfg))
     text_encoder = getattr(module, "text_encoder", None)
@@ -200,6 +202,8 @@ def export_stage(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule,
             (export_dir / "text_encoder_config.json").write_text(json.dumps(te_cfg, indent=2))
         else:  # randomly initialised (tiny) encoders must travel with their weights
             write_network(export_dir, "text_encoder", text_encoder, te_cfg)
+    for file_name, content in getattr(module, "export_files", dict)().items():
+        (export_dir / file_name).write_text(json.dumps(content, indent=2))
     params = sum(p.numel() for p in module.export_network().parameters())
     provenance = {
         "stage": cfg.stage.name,

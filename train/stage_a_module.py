@@ -36,6 +36,7 @@ class StageAModule(L.LightningModule):
         disc_weight: float = 0.5,
         disc_lr: float | None = None,
         grad_clip: float | None = 1.0,
+        measure_scale_factor: bool = True,
         seed: int = 0,
         log_every: int = 10,
     ):
@@ -57,6 +58,8 @@ class StageAModule(L.LightningModule):
             if ema and ema.get("enabled", True) else None
         )
         self.seed = seed
+        self.measure_scale_factor = bool(measure_scale_factor)
+        self.register_buffer("latent_std", torch.ones(1))
 
     def configure_optimizers(self):
         opt_ae = build_optimizer([{"params": self.network.parameters()}], self.optim_cfg)
@@ -90,7 +93,11 @@ class StageAModule(L.LightningModule):
         step = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready - 1
         adversarial = step >= self.hparams.disc_start
 
-        recon, vq_loss, indices = self.network(images)
+        latents = self.network.encode(images)
+        quantized, vq_loss, indices = self.network.quantize(latents)
+        recon = self.network.decode(quantized)
+        with torch.no_grad():  # running latent std: the scale factor Stage B divides by
+            self.latent_std.lerp_(latents.detach().float().std().reshape(1), 0.02 if step > 0 else 1.0)
         if self.hparams.reconstruction == "l1":
             rec_loss = F.l1_loss(recon, images)
         else:
@@ -139,4 +146,10 @@ class StageAModule(L.LightningModule):
 
     def export_network(self) -> torch.nn.Module:
         return self.ema.shadow if self.ema is not None else self.network
+
+    def export_config_updates(self) -> dict[str, Any]:
+        """Stage B diffuses ``latent / scale_factor``; with ``measure_scale_factor`` it is the latents'
+        measured std (running average over training), so Stage B sees unit-variance data — the role
+        0.3764 plays for the public v2 VQGAN."""
+        return {"scale_factor": round(float(self.latent_std), 6)} if self.measure_scale_factor else {}
 

@@ -38,8 +38,11 @@ class StageBModule(DiffusionStageModule):
         text_dropout: float = 0.05,
         seed: int = 0,
         log_every: int = 10,
+        max_bad_steps: int = 20,
     ):
-        super().__init__(optim=optim, ema=ema, diffusion=diffusion, log_every=log_every, seed=seed)
+        super().__init__(
+            optim=optim, ema=ema, diffusion=diffusion, log_every=log_every, seed=seed, max_bad_steps=max_bad_steps
+        )
         self.save_hyperparameters()
         require_export(stage_a_export, "a", why="Stage B's targets are Stage A latents")
         self.stage_a = load_network(Path(stage_a_export)).eval().requires_grad_(False)

@@ -31,10 +31,14 @@ class StageCModule(DiffusionStageModule):
         text_dropout: float = 0.05,
         latent_mean: float = 42.0,
         latent_std: float = 1.0,
+        measure_latent_stats: bool = False,
         seed: int = 0,
         log_every: int = 10,
+        max_bad_steps: int = 20,
     ):
-        super().__init__(optim=optim, ema=ema, diffusion=diffusion, log_every=log_every, seed=seed)
+        super().__init__(
+            optim=optim, ema=ema, diffusion=diffusion, log_every=log_every, seed=seed, max_bad_steps=max_bad_steps
+        )
         self.save_hyperparameters()
         # Hand-off checks first: a missing compressor stops us before any network is built.
         self.compressor = None
@@ -45,7 +49,12 @@ class StageCModule(DiffusionStageModule):
         self.text_encoder.eval().requires_grad_(False)
         self.network = instantiate_network(network)
         self.text_dropout = float(text_dropout)
-        self.latent_mean, self.latent_std = float(latent_mean), float(latent_std)
+        # The hand-off z = latent_mean·x − latent_std (REFERENCE.md: 42 and 1 for the public v2
+        # compressor). With measure_latent_stats, a freshly trained compressor's own statistics are
+        # used instead (set from the first batch, then fixed), so Stage C models unit-variance x.
+        self.measure_latent_stats = bool(measure_latent_stats)
+        self.register_buffer("hand_off", torch.tensor([float(latent_mean), float(latent_std)]))
+        self.register_buffer("hand_off_measured", torch.zeros((), dtype=torch.bool))
         self.compressor_export = compressor_export
         self.init_ema()
 
@@ -57,9 +66,21 @@ class StageCModule(DiffusionStageModule):
                 frozen.eval()
         return self
 
+    @property
+    def latent_mean(self) -> float:
+        return float(self.hand_off[0])
+
+    @property
+    def latent_std(self) -> float:
+        return float(self.hand_off[1])
+
     def latents_to_target(self, z: torch.Tensor) -> torch.Tensor:
         """Compressor output z → the space Stage C models: (z + latent_std) / latent_mean."""
-        return (z + self.latent_std) / self.latent_mean
+        if self.measure_latent_stats and not bool(self.hand_off_measured):
+            with torch.no_grad():
+                self.hand_off.copy_(torch.stack([z.float().std(), -z.float().mean()]))
+                self.hand_off_measured.fill_(True)
+        return (z + self.hand_off[1]) / self.hand_off[0]
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> torch.Tensor:
@@ -92,6 +113,10 @@ class StageCModule(DiffusionStageModule):
         x0 = self.latents_to_target(z)
         return x0, {"c": text.to(x0.dtype)}, batch_size
 
+    def export_files(self) -> dict[str, Any]:
+        """``hand_off.json``: the constants the cascade maps Stage C samples to Stage B with."""
+        return {"hand_off.json": {"latent_mean": self.latent_mean, "latent_std": self.latent_std}}
+
     @torch.no_grad()
     def preview(self, batch: Mapping[str, Any], prompts: list[str]) -> torch.Tensor | None:
         """Cascade samples for ``prompts`` through this Stage C and the pipeline's Stage B and A."""
@@ -103,7 +128,8 @@ class StageCModule(DiffusionStageModule):
         from train.cascade_loading import load_cascade
 
         cascade = load_cascade(pipeline_dir, sampler="tiny", stage_c=self.export_network(),
-                               text_encoder_c=self.text_encoder, progress=False)
+                               text_encoder_c=self.text_encoder, progress=False,
+                               hand_off={"latent_mean": self.latent_mean, "latent_std": self.latent_std})
         size = 128
         generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
         return cascade(prompts, size, size, generator=generators)

@@ -50,7 +50,9 @@ def test_kill_and_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path):
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (killed / "tiny" / "stage_c" / "export" / "model.safetensors").exists()
 
-    resumed = subprocess.run(stage_c_command(killed), cwd=REPO, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        stage_c_command(killed), cwd=REPO, capture_output=True, text=True, timeout=600, check=False
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stderr + resumed.stdout
 
