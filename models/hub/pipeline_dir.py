@@ -1,0 +1,236 @@
+"""Reading and writing our pipeline directory (DESIGN.md "Artifacts") without importing ``train``.
+
+A pipeline directory holds ``stage_a/``, ``stage_b/``, ``stage_c/`` (stage run directories) and
+``pipeline.json``. Each stage's ``export/`` has ``model.safetensors`` + ``config.json`` (constructor
+kwargs and ``_target_``) + ``provenance.json``; Stage B's also ``compressor.safetensors`` +
+``compressor_config.json``; Stage B's and C's a text encoder: ``text_encoder_config.json`` and, for
+randomly initialised encoders, ``text_encoder.safetensors``. The files are plain safetensors and JSON,
+so this reader is small; ``train/export.py`` writes them and reads them the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from models.semantic_compressor import SemanticCompressor
+from models.stage_a import StageA
+from models.stage_b import StageB
+from models.stage_c import StageC
+from models.text_encoder import TextEncoder
+
+STAGES = ("a", "b", "c")
+# config.json is data: only these classes are ever built from it (never an arbitrary import path).
+NETWORK_CLASSES: dict[str, type[nn.Module]] = {
+    "models.stage_a.StageA": StageA,
+    "models.stage_b.StageB": StageB,
+    "models.stage_c.StageC": StageC,
+    "models.semantic_compressor.SemanticCompressor": SemanticCompressor,
+    "models.text_encoder.TextEncoder": TextEncoder,
+}
+STAGE_TARGETS = {"a": "models.stage_a.StageA", "b": "models.stage_b.StageB", "c": "models.stage_c.StageC"}
+TEXT_ENCODER_TARGET = "models.text_encoder.TextEncoder"
+COMPRESSOR_TARGET = "models.semantic_compressor.SemanticCompressor"
+
+
+class MissingStageError(FileNotFoundError):
+    """A stage export (or one of its files) the operation needs is missing."""
+
+
+def stage_export_dir(pipeline_dir: str | Path, stage: str) -> Path:
+    return Path(pipeline_dir) / f"stage_{stage}" / "export"
+
+
+def weights_file(export_dir: Path, name: str) -> Path:
+    return export_dir / ("model.safetensors" if name == "model" else f"{name}.safetensors")
+
+
+def config_file(export_dir: Path, name: str) -> Path:
+    return export_dir / ("config.json" if name == "model" else f"{name}_config.json")
+
+
+def required_files(stage: str) -> list[tuple[str, str]]:
+    """(network name, kind) pairs a complete export of ``stage`` holds; kind is "weights" or "config"."""
+    files = [("model", "weights"), ("model", "config")]
+    if stage == "b":
+        files += [("compressor", "weights"), ("compressor", "config")]
+    if stage in ("b", "c"):
+        files += [("text_encoder", "config")]  # weights only for randomly initialised encoders
+    return files
+
+
+def check_pipeline_dir(pipeline_dir: str | Path, stages: tuple[str, ...] = STAGES) -> dict[str, Path]:
+    """Every file the Hub export reads, checked before anything is written: stage → its export directory.
+
+    Raises :class:`MissingStageError` naming the first missing file and the command that makes it.
+    """
+    pipeline_dir = Path(pipeline_dir)
+    if not pipeline_dir.is_dir():
+        raise MissingStageError(
+            f"pipeline directory {pipeline_dir} does not exist; pass the directory `wurst-train` wrote "
+            "(e.g. outputs/tiny, which holds stage_a/, stage_b/, stage_c/)"
+        )
+    found = {}
+    for stage in stages:
+        export_dir = stage_export_dir(pipeline_dir, stage)
+        paths = [
+            weights_file(export_dir, n) if k == "weights" else config_file(export_dir, n)
+            for n, k in required_files(stage)
+        ]
+        paths.append(export_dir / "provenance.json")
+        for path in paths:
+            if not path.is_file():
+                raise MissingStageError(
+                    f"the Hub export needs all three stages, but Stage {stage.upper()}'s export file {path} is "
+                    f"missing; train the stage first (`wurst-train stage={stage}`, e.g. `wurst-train stage={stage} "
+                    f"experiment=tiny`, or the pipeline: `wurst-train pipeline=tiny`)"
+                )
+        config = read_json(config_file(export_dir, "model"))
+        if config.get("_target_") != STAGE_TARGETS[stage]:
+            raise ValueError(
+                f"{config_file(export_dir, 'model')} has _target_={config.get('_target_')!r}, but stage_{stage}/ must "
+                f"hold a {STAGE_TARGETS[stage]}; is the pipeline directory laid out as wurst-train writes it?"
+            )
+        found[stage] = export_dir
+    return found
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); re-export the stage") from error
+    if not isinstance(data, dict):
+        raise TypeError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_config(export_dir: str | Path, name: str = "model") -> dict[str, Any]:
+    return read_json(config_file(Path(export_dir), name))
+
+
+def read_provenance(export_dir: str | Path) -> dict[str, Any]:
+    return read_json(Path(export_dir) / "provenance.json")
+
+
+def read_state_dict(export_dir: str | Path, name: str = "model") -> dict[str, torch.Tensor]:
+    return load_file(str(weights_file(Path(export_dir), name)))
+
+
+def count_parameters(weights: str | Path) -> int:
+    """Number of values in a safetensors file, from its header only."""
+    total = 0
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 - a safe_open handle is not iterable
+            count = 1
+            for size in f.get_slice(key).get_shape():
+                count *= size
+            total += count
+    return total
+
+
+def network_class(config: Mapping[str, Any], source: str) -> type[nn.Module]:
+    target = config.get("_target_")
+    if target not in NETWORK_CLASSES:
+        raise ValueError(
+            f"{source}: refusing to build _target_={target!r}; only {sorted(NETWORK_CLASSES)} are built from exports"
+        )
+    return NETWORK_CLASSES[target]
+
+
+def build_network(
+    config: Mapping[str, Any], state: Mapping[str, torch.Tensor] | None, source: str
+) -> nn.Module:
+    """Build the allowed class of ``config`` and load ``state`` (strictly: every key, every shape)."""
+    cls = network_class(config, source)
+    kwargs = {k: v for k, v in config.items() if k != "_target_"}
+    if state is None:
+        return cls(**kwargs)
+    if "pretrained" in kwargs:  # the weights come with the export: never download an initialisation
+        kwargs["pretrained"] = False if isinstance(kwargs["pretrained"], bool) else None
+    # Stages and text towers are built on the meta device (no wasted random init at paper size); their
+    # only non-persistent buffer, the text tower's causal mask, is rebuilt below. Other classes (timm
+    # backbones keep buffers of their own) are built normally.
+    on_meta = cls in (StageA, StageB, StageC, TextEncoder)
+    with torch.device("meta" if on_meta else "cpu"):
+        module = cls(**kwargs)
+    try:
+        module.load_state_dict(dict(state), strict=True, assign=on_meta)
+    except RuntimeError as error:
+        raise ValueError(f"{source}: the weights do not fit the config's {cls.__name__}: {error}") from error
+    if isinstance(module, TextEncoder):
+        module.text.attn_mask = module.text.build_causal_mask()
+    leftovers = [name for name, buffer in module.named_buffers() if buffer.is_meta]
+    if leftovers:
+        raise RuntimeError(
+            f"{source}: buffers {leftovers[:5]} of {cls.__name__} were not restored after loading"
+        )
+    return module.eval()
+
+
+def read_network(export_dir: str | Path, name: str = "model") -> nn.Module:
+    """The network ``name`` of an export (``model``, ``compressor``), built from its config and weights."""
+    export_dir = Path(export_dir)
+    return build_network(
+        read_config(export_dir, name), read_state_dict(export_dir, name), str(export_dir / name)
+    )
+
+
+def read_text_encoder(export_dir: str | Path) -> TextEncoder:
+    """The text encoder a stage trained with: its saved weights, or the pretrained name/path in its config
+    (open_clip then downloads a tag, or reads a local checkpoint)."""
+    export_dir = Path(export_dir)
+    config = read_config(export_dir, "text_encoder")
+    if config.get("_target_") != TEXT_ENCODER_TARGET:
+        raise ValueError(f"{config_file(export_dir, 'text_encoder')}: _target_ must be {TEXT_ENCODER_TARGET}")
+    weights = weights_file(export_dir, "text_encoder")
+    state = load_file(str(weights)) if weights.is_file() else None
+    if state is None and not config.get("pretrained"):
+        raise MissingStageError(
+            f"{export_dir} has a randomly initialised text encoder config but no {weights.name}; re-export the stage"
+        )
+    return build_network(config, state, str(export_dir / "text_encoder"))
+
+
+# ----- writing -----------------------------------------------------------------------------------
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def write_safetensors(
+    path: Path, state: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """Contiguous CPU copies (safetensors refuses shared or strided storage), written then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
+    os.replace(tmp, path)
+
+
+def write_network(
+    export_dir: str | Path, name: str, state: Mapping[str, torch.Tensor], config: Mapping[str, Any]
+) -> Path:
+    """``<name>.safetensors`` + its config (``config.json`` for ``model``), as ``train/export.py`` lays them out."""
+    if config.get("_target_") not in NETWORK_CLASSES:
+        raise ValueError(f"config for export {name!r} needs a '_target_' among {sorted(NETWORK_CLASSES)}")
+    export_dir = Path(export_dir)
+    weights = weights_file(export_dir, name)
+    write_safetensors(weights, state)
+    write_json(config_file(export_dir, name), dict(config))
+    return weights
