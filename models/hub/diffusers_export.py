@@ -257,9 +257,15 @@ def export_pipeline(
                 DDPMWuerstchenScheduler(scaler=1.0, s=schedule_s[stage]).save_config(tmp / scheduler)
         _check_widths(stage_kwargs, widths)
 
-        compressor_dir = tmp / COMPRESSOR_FOLDER
-        write_safetensors(compressor_dir / TRANSFORMERS_WEIGHTS, read_state_dict(exports["b"], "compressor"))
-        write_json(compressor_dir / DIFFUSERS_CONFIG, read_config(exports["b"], "compressor"))
+        has_compressor = weights_file(exports["b"], "compressor").is_file()
+        if has_compressor:
+            compressor_dir = tmp / COMPRESSOR_FOLDER
+            write_safetensors(
+                compressor_dir / TRANSFORMERS_WEIGHTS, read_state_dict(exports["b"], "compressor")
+            )
+            write_json(compressor_dir / DIFFUSERS_CONFIG, read_config(exports["b"], "compressor"))
+        else:
+            log.warning("Stage B's export has no compressor: the folder will not hold %s/", COMPRESSOR_FOLDER)
 
         write_json(
             tmp / "model_index.json",
@@ -285,6 +291,7 @@ def export_pipeline(
                 repo_id=repo_id,
                 license=license,
                 datasets=datasets,
+                has_compressor=has_compressor,
                 hand_off=None if hand_off == PIPELINE_HAND_OFF else hand_off,
             ),
             encoding="utf-8",

@@ -90,8 +90,10 @@ PROBE_CAPTIONS = (
     "a café in Zürich with 3 tables and 12 chairs",
     "",
 )
-# Files a Hub import needs (the rest of a repository, e.g. .bin duplicates or sample images, is skipped).
-HUB_PATTERNS = ["model_index.json", "README.md", SUMMARY_FILE, "*/*.json", "*/*.txt", "*/*.safetensors"]
+# Files a Hub import needs at the top of a repository and in its component folders (weights: see
+# hub_allow_patterns; sample images, ONNX or Flax copies are never fetched).
+ROOT_FILES = ("model_index.json", "README.md", SUMMARY_FILE)
+CONFIG_SUFFIXES = (".json", ".txt")
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -107,17 +109,35 @@ class Component:
     pipeline_config: dict[str, Any] = field(default_factory=dict)
 
 
+def hub_allow_patterns(files: list[str]) -> list[str]:
+    """The files of a Hub repository an import reads: the top-level index, card and summary, and per
+    component folder its configs/tokenizer files and its weights — safetensors when the folder has any,
+    else PyTorch ``.bin`` (older repositories hold both; one copy is enough)."""
+    chosen = [f for f in files if f in ROOT_FILES]
+    folders: dict[str, list[str]] = {}
+    for name in files:
+        if name.count("/") == 1:
+            folders.setdefault(name.split("/")[0], []).append(name)
+    for names in folders.values():
+        chosen += [n for n in names if n.endswith(CONFIG_SUFFIXES)]
+        safetensors = [n for n in names if n.endswith(".safetensors")]
+        chosen += safetensors or [n for n in names if n.endswith(".bin")]
+    return sorted(chosen)
+
+
 def resolve_source(source: str | Path, revision: str | None = None, token: str | None = None) -> Path:
     """A local folder as is; a Hub id (``owner/name``) via ``snapshot_download`` (needs the network)."""
     path = Path(source).expanduser()
     if path.is_dir():
         return path
     if isinstance(source, str) and REPO_ID.match(source):
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import HfApi, snapshot_download
 
         log.info("downloading %s (revision %s) from the Hub", source, revision or "main")
+        files = HfApi(token=token).list_repo_files(source, revision=revision)
+        patterns = hub_allow_patterns(files)
         return Path(
-            snapshot_download(repo_id=source, revision=revision, allow_patterns=HUB_PATTERNS, token=token)
+            snapshot_download(repo_id=source, revision=revision, allow_patterns=patterns, token=token)
         )
     raise FileNotFoundError(
         f"source {str(source)!r} is neither a local folder nor a Hub repository id (owner/name); pass a folder "
@@ -361,6 +381,18 @@ def import_diffusers(
     components = _components(folder, prior, revision, token)
     summary = _summary(folder)
     hand_off = stage_c_hand_off_of(components["c"], summary)
+    sizes = {**components["b"].pipeline_config, **components["c"].pipeline_config}
+    for key in ("resolution_multiple", "latent_dim_scale"):
+        if key in sizes and float(sizes[key]) != OUR_HAND_OFF[key]:
+            log.warning(
+                "%s: %s=%s, but our cascade sampler uses %s (conf/sampler); pass %s=%s to it for this cascade",
+                folder,
+                key,
+                sizes[key],
+                OUR_HAND_OFF[key],
+                key,
+                sizes[key],
+            )
     torch_dtype = DTYPES[dtype]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_dir(out)

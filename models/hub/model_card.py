@@ -176,6 +176,14 @@ def eval_results(eval_metrics: Mapping[str, Any] | None) -> list[EvalResult]:
     return results
 
 
+def _pruned(value: Any) -> Any:
+    """Without None and empty entries: the card's YAML lists what is known (wurst.json keeps every key)."""
+    if isinstance(value, Mapping):
+        items = {k: _pruned(v) for k, v in value.items()}
+        return {k: v for k, v in items.items() if v not in (None, {}, [])}
+    return value
+
+
 def card_metadata(
     facts: Mapping[str, Mapping[str, Any]],
     eval_metrics: Mapping[str, Any] | None,
@@ -200,10 +208,7 @@ def card_metadata(
             "hardware_used": ", ".join(devices) if devices else None,
         }
         co2 = {k: v for k, v in co2.items() if v is not None}
-    training = {
-        "stages": {f"stage_{s}": dict(f) for s, f in facts.items()},
-        "total": total,
-    }
+    training = _pruned({"stages": {f"stage_{s}": dict(f) for s, f in facts.items()}, "total": total})
     return ModelCardData(
         library_name="diffusers",
         pipeline_tag="text-to-image",

@@ -58,10 +58,10 @@ def config_file(export_dir: Path, name: str) -> Path:
 
 
 def required_files(stage: str) -> list[tuple[str, str]]:
-    """(network name, kind) pairs a complete export of ``stage`` holds; kind is "weights" or "config"."""
+    """(network name, kind) pairs every export of ``stage`` holds; kind is "weights" or "config"."""
+    # Stage B's compressor is not required: an imported public cascade has none (the diffusers layout
+    # does not hold it), and the Hub export publishes it only when present.
     files = [("model", "weights"), ("model", "config")]
-    if stage == "b":
-        files += [("compressor", "weights"), ("compressor", "config")]
     if stage in ("b", "c"):
         files += [("text_encoder", "config")]  # weights only for randomly initialised encoders
     return files
@@ -215,9 +215,17 @@ def write_json(path: Path, obj: Any) -> None:
 def write_safetensors(
     path: Path, state: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> None:
-    """Contiguous CPU copies (safetensors refuses shared or strided storage), written then renamed."""
+    """Contiguous CPU tensors, written then renamed. safetensors refuses tensors that share storage, so a
+    tensor whose storage was already seen is copied (no copy otherwise: paper-size stages are GBs)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    tensors, seen = {}, set()
+    for key, value in state.items():
+        tensor = value.detach().to("cpu").contiguous()
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer in seen:
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        tensors[key] = tensor
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
     os.replace(tmp, path)

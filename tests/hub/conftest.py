@@ -32,7 +32,7 @@ def tiny_config(group: str) -> dict:
 
 
 def randomise(module: nn.Module, seed: int, std: float) -> nn.Module:
-    """Seeded noise in every floating parameter: matrices ~ N(0, 1/fan_in)·(std/0.2)·…, vectors ~ N(0, std)."""
+    """Seeded noise in every parameter: vectors ~ N(0, std²), matrices ~ N(0, min(std, fan_in^-½)²)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in module.parameters():
