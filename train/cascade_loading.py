@@ -64,9 +64,9 @@ def load_cascade(
         c_dir = require_export(pipeline_dir / "stage_c" / "export", "c", why="the cascade starts from Stage C")
         stage_c = load_network(c_dir).to(device)
         text_encoder_c = load_text_encoder(c_dir).to(device)
-        hand_off = c_dir / "hand_off.json"
-        if hand_off.is_file():  # a Stage C trained on its own compressor statistics
-            settings.update(json.loads(hand_off.read_text()))
+        hand_off_file = c_dir / "hand_off.json"
+        if hand_off_file.is_file():  # a Stage C trained on its own compressor statistics
+            settings.update(json.loads(hand_off_file.read_text()))
     elif text_encoder_c is None:
         raise ValueError("load_cascade: pass text_encoder_c together with stage_c")
     if hand_off:
