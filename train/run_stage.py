@@ -110,10 +110,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list
     )
 
 
-def build_module(cfg: DictConfig) -> L.LightningModule:
+def build_module(cfg: DictConfig, device: str | torch.device = "cpu") -> L.LightningModule:
+    """The stage's LightningModule; ``device="meta"`` builds it without memory (config checks)."""
     module_cfg = plain(cfg.stage.module)
     cls = hydra.utils.get_class(module_cfg.pop("_target_"))
-    with torch.device("cpu"):
+    with torch.device(device):
         module = cls(**module_cfg)
     if cfg.get("gradient_checkpointing"):
         module.network.gradient_checkpointing = True
