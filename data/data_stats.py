@@ -24,10 +24,12 @@ MISSING_CAPTION = "missing_caption"
 MISSING_JSON = "missing_json"
 BAD_JSON = "bad_json"
 UNDECODABLE_IMAGE = "undecodable_image"
+BAD_IMAGE_SIZE = "bad_image_size"  # decodes, but too small or too elongated to crop (transforms.py)
+BAD_CAPTION = "bad_caption"  # a caption that is not valid UTF-8: the shard's bytes are corrupt
 MISSING_ARRAY = "missing_array"  # cached shards: a latent or text member absent
 BAD_ARRAY = "bad_array"  # cached shards: a member that is not a readable .npy
-SKIP_KINDS = (SHARD_OPEN_ERROR, TRUNCATED_TAR, MISSING_IMAGE, MISSING_CAPTION, MISSING_JSON, BAD_JSON,
-              UNDECODABLE_IMAGE, MISSING_ARRAY, BAD_ARRAY)
+SKIP_KINDS = (SHARD_OPEN_ERROR, TRUNCATED_TAR, MISSING_IMAGE, MISSING_CAPTION, BAD_CAPTION, MISSING_JSON, BAD_JSON,
+              UNDECODABLE_IMAGE, BAD_IMAGE_SIZE, MISSING_ARRAY, BAD_ARRAY)
 FILTERED_PREFIX = "filtered_"
 
 # How many skips of one kind are logged with their reason before only every 1000th is.

@@ -9,6 +9,9 @@ the dataloaders are iterated), so a resumed run continues its data stream instea
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,7 @@ from data.laion_filter import LAIONFilter
 from data.resume import StreamPosition
 from data.shard_stream import CachedShardStream, ImageShardStream, ShardStream
 from data.stream_loader import StreamLoader
-from data.synthetic import write_synthetic_shards
+from data.synthetic import MANIFEST, write_synthetic_shards
 from data.topology import rank_and_world_size
 from data.transforms import AspectBuckets
 
@@ -39,6 +42,20 @@ def per_device_batch_size(global_batch_size: int, world_size: int, accumulate_gr
             f"accumulate_grad_batches {accumulate_grad_batches} = {devices}; change one of them so it divides"
         )
     return global_batch_size // devices
+
+
+def _move_into_place(staging: Path, folder: Path) -> None:
+    """Rename the finished ``staging`` folder to ``folder`` (absent or empty) in one step."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(staging, folder)
+        return
+    except OSError:
+        if any(folder.glob("*.tar")):  # another node's prepare_data finished first: use its shards
+            return
+    # ``folder`` holds other files (a note, leftovers): move the shards in, the manifest last.
+    for path in sorted(staging.iterdir(), key=lambda p: p.name == MANIFEST):
+        os.replace(path, folder / path.name)
 
 
 class WurstDataModule(LightningDataModule):
@@ -101,7 +118,15 @@ class WurstDataModule(LightningDataModule):
         if not any(folder.glob("*.tar")):
             log.info("data: writing synthetic shards to %s", folder)
             laion_filter = self.image_args["laion_filter"]
-            write_synthetic_shards(folder, laion_filter=laion_filter, **self.synthesize)
+            # Written beside the folder and moved in whole: a run killed half-way must not leave a
+            # partial shard set that the next run (seeing *.tar) would take for the whole dataset.
+            staging = folder.with_name(f".{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+            shutil.rmtree(staging, ignore_errors=True)
+            try:
+                write_synthetic_shards(staging, laion_filter=laion_filter, **self.synthesize)
+                _move_into_place(staging, folder)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
 
     def _batch_size(self) -> int:
         if self.batch_size is not None:

@@ -2,7 +2,8 @@
 
 A sample is kept when ``original_width`` and ``original_height`` are within [512, 4096],
 ``pwatermark`` <= 0.5, ``punsafe`` <= 0.99 and its aesthetic score (``aesthetic`` or
-``AESTHETIC_SCORE``, whichever img2dataset kept) >= 5.0; a missing, null or NaN field fails its rule.
+``AESTHETIC_SCORE``, whichever img2dataset kept) >= 5.0; a missing, null, NaN or infinite field fails
+its rule (numbers written as strings count as numbers).
 Optional caption rules: a minimum word count, ASCII only, forbidden substrings. The defaults below are
 the official numbers; ``conf/data/filter/laion.yaml`` is where a run sets them, and a phase overrides
 one (Stage C's aesthetic fine-tune raises ``min_aesthetic``).
@@ -26,7 +27,7 @@ def _number(meta: Mapping, key: str) -> float | None:
         number = float(value)
     except (TypeError, ValueError):
         return None
-    return None if math.isnan(number) else number
+    return number if math.isfinite(number) else None  # json.loads reads NaN and Infinity too
 
 
 @dataclass

@@ -48,11 +48,16 @@ from data.laion_filter import LAIONFilter
 from data.resume import ReaderProgress
 from data.shard_spec import expand_shards, open_shard, shard_list_digest
 from data.topology import rank_and_world_size, stream_seed, worker_and_num_workers
-from data.transforms import IMAGE_EXTENSIONS, AspectBuckets, StageTransform
+from data.transforms import IMAGE_EXTENSIONS, AspectBuckets, ImageSizeError, StageTransform
 
 log = logging.getLogger(__name__)
 
 MODES = ("resampled", "finite")
+# Resampled mode gives up when this many shards drawn in a row gave no sample: every shard is then
+# almost surely unreadable (a wrong spec, not tars). One block of broken shards is no such proof: with
+# a fraction f of broken shards, a block of k draws is all broken with probability f**k, and a
+# week-long run draws many blocks; 64 in a row is f**64 (1e-19 for f = 1/2).
+UNREADABLE_DRAWS_LIMIT = 64
 CACHED_MEMBERS = ("compressor_latents.npy", "text_hidden.npy")
 
 
@@ -151,10 +156,20 @@ def tar_to_samples(urls: Iterable[str], reader: Reader, shard_ends: bool = False
             yield ShardEnd(url)
 
 
+def _is_utf8(payload: bytes) -> bool:
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def judge_sample(sample: dict[str, Any], laion_filter: LAIONFilter | None) -> tuple[str | None, str, str, dict | None]:
     """(skip or ``filtered_<rule>`` kind, or None to keep; why; cleaned caption; parsed json or None)."""
     if not any(ext in sample for ext in IMAGE_EXTENSIONS):
         return kinds.MISSING_IMAGE, f"members {sorted(k for k in sample if k[0] != '_')}", "", None
+    if "txt" in sample and not _is_utf8(sample["txt"]):
+        return kinds.BAD_CAPTION, "caption bytes are not valid UTF-8 (img2dataset writes UTF-8: corrupt)", "", None
     caption = clean_caption(sample["txt"]) if "txt" in sample else ""
     if not caption:
         return kinds.MISSING_CAPTION, "no txt member" if "txt" not in sample else "empty caption", "", None
@@ -250,7 +265,8 @@ def decode_and_transform(samples: Iterable[Any], reader: Reader, transform: Stag
         try:
             image, compressor_image, bucket = transform(sample.pop("image"), rng)
         except Exception as error:  # noqa: BLE001 (PIL raises OSError, ValueError, SyntaxError... for broken images)
-            reader.stats.skip(kinds.UNDECODABLE_IMAGE, f"{sample['url']}:{sample['key']}", error)
+            kind = kinds.BAD_IMAGE_SIZE if isinstance(error, ImageSizeError) else kinds.UNDECODABLE_IMAGE
+            reader.stats.skip(kind, f"{sample['url']}:{sample['key']}", error)
             reader.progress.done(sample["index"])
             continue
         sample.update(images=image, compressor_images=compressor_image, bucket=bucket)
@@ -409,15 +425,17 @@ class ShardStream(IterableDataset):
         yield from self._block(urls, reader, reader.seed(self.seed, "samples", reader.epoch))
 
     def _resampled_samples(self, reader: Reader) -> Iterator[Any]:
+        unreadable = 0  # shards drawn in a row that gave no sample
         for block in itertools.count(reader.progress.start_block):
             rng = random.Random(reader.seed(self.seed, "shards", block))
             urls = [rng.choice(self.urls) for _ in range(self.resample_block_shards)]
             reader.progress.begin_block(block)
             read_before = reader.stats.counts[kinds.READ]
             yield from self._block(urls, reader, reader.seed(self.seed, "samples", block))
-            if reader.stats.counts[kinds.READ] == read_before:
+            unreadable = unreadable + len(urls) if reader.stats.counts[kinds.READ] == read_before else 0
+            if unreadable >= UNREADABLE_DRAWS_LIMIT:
                 raise ValueError(
-                    f"data shards: {len(urls)} resampled shards in a row gave no readable sample "
+                    f"data shards: {unreadable} resampled shards in a row gave no readable sample "
                     f"(skips so far: {reader.stats.skipped()}); check data.shards and that the shards are tars"
                 )
 

@@ -28,6 +28,25 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # Decode at reduced scale only when the source is at least this many times the target: libjpeg's
 # draft scales are 1/2, 1/4, 1/8, so below 2x there is nothing to gain.
 _DRAFT_MIN_FACTOR = 2.0
+# Images that decode but hold no usable picture are skipped (counted as bad_image_size): LAION's
+# 1x1 "image unavailable" placeholders and slivers a few pixels high, whose json still claims the
+# original size; and banners longer than 4:1, of which a square crop keeps under a quarter.
+MIN_IMAGE_SIDE = 8
+MAX_ASPECT_RATIO = 4.0
+# PIL modes of 16-bit grayscale (PNG, TIFF): convert("RGB") clips them at 255, so most pixels turn white.
+_SIXTEEN_BIT_GRAY = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+class ImageSizeError(ValueError):
+    """An image that decodes but is too small or too elongated to train on."""
+
+
+def check_image_size(width: int, height: int) -> None:
+    """Raises :class:`ImageSizeError` for a side under MIN_IMAGE_SIDE or an aspect beyond MAX_ASPECT_RATIO."""
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise ImageSizeError(f"image is {width}x{height} px, under {MIN_IMAGE_SIDE} px on a side (a placeholder)")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageSizeError(f"image is {width}x{height} px, longer than {MAX_ASPECT_RATIO:g}:1 (a banner or sliver)")
 
 
 def open_image(data: bytes) -> Image.Image:
@@ -46,6 +65,9 @@ def decode_rgb(image: Image.Image, cover_size: tuple[int, int] | None = None) ->
         scale = max(cover_size[0] / width, cover_size[1] / height)
         if scale * _DRAFT_MIN_FACTOR <= 1.0:
             image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+    if image.mode in _SIXTEEN_BIT_GRAY:
+        levels = np.asarray(image).astype(np.int64).clip(0, 65535) >> 8
+        return Image.fromarray(levels.astype(np.uint8), mode="L").convert("RGB")
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -143,9 +165,11 @@ class StageTransform:
     def __call__(self, data: bytes, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         """Returns (image uint8 [3, H, W], compressor image uint8 [3, h, w] or None, bucket index).
 
-        Raises PIL's errors (OSError, ValueError...) for bytes that are not a decodable image.
+        Raises PIL's errors (OSError, ValueError...) for bytes that are not a decodable image, and
+        :class:`ImageSizeError` (from the header, before decoding) for unusable sizes.
         """
         image = open_image(data)
+        check_image_size(*image.size)
         index = self.buckets.assign(*image.size) if self.buckets else 0
         bucket = self.buckets.buckets[index] if self.buckets else self.square
         height, width = bucket.image_size
