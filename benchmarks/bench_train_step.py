@@ -278,13 +278,18 @@ def run_ours(cfg: DictConfig, source: str, batch: Mapping[str, Any], device: tor
     inputs = NetworkInputs(module.network)
     clock = StepClock(device)
     meter = StepMeter(clock, count_step(args), "cuda" if device.type == "cuda" else None)
+    callbacks: list[L.Callback] = [meter]
+    if args.callbacks:  # what every stage run adds: progress bar, carbon ledger, previews (off)
+        from train.callbacks import build_callbacks
+
+        callbacks += build_callbacks(cfg, Path(cfg.pipeline_dir) / "callbacks")
     trainer_kwargs = plain(cfg.trainer)
     trainer_kwargs.pop("_target_", None)
     trainer_kwargs.update(
         accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, num_nodes=1, strategy="auto",
         precision=args.precision, max_steps=args.warmup + args.steps, max_epochs=-1,
-        accumulate_grad_batches=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[meter], default_root_dir=str(Path(cfg.pipeline_dir) / "lightning"),
+        accumulate_grad_batches=1, logger=False, enable_checkpointing=False, enable_progress_bar=args.callbacks,
+        enable_model_summary=False, callbacks=callbacks, default_root_dir=str(Path(cfg.pipeline_dir) / "lightning"),
         limit_val_batches=0, num_sanity_val_steps=0,
     )
     trainer = L.Trainer(**trainer_kwargs)
@@ -302,7 +307,7 @@ def run_ours(cfg: DictConfig, source: str, batch: Mapping[str, Any], device: tor
         "precision": str(trainer.precision), "compile": bool(args.compile),
         "gradient_checkpointing": bool(getattr(getattr(module.network, "_orig_mod", module.network),
                                                "gradient_checkpointing", False)),
-        "channels_last": bool(args.channels_last),
+        "channels_last": bool(args.channels_last), "training_callbacks": bool(args.callbacks),
         "optimizer": describe_optimizer(optimizer),
         "network_inputs": inputs.shapes,
         **sync_report(meter.result),
@@ -494,6 +499,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile our network (compile=true)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--channels-last", action="store_true", help="our network in channels-last memory format")
+    parser.add_argument("--callbacks", action="store_true",
+                        help="add the callbacks every stage run has (progress bar, carbon ledger) to ours")
     parser.add_argument("--optim", choices=("adamw", "adamw8bit"), default=None, help="default: the config's")
     parser.add_argument("--precision", default=None,
                         help="our Trainer precision (default bf16-mixed on cuda, 32-true on cpu, as training)")

@@ -152,3 +152,35 @@ def test_the_reference_can_be_left_out(tmp_path, tiny_args, benchmark_runner):
     assert [run["run"] for run in result["runs"]] == ["ours (cache)"]
     assert result["runs"][0]["speedup_vs_reference"] is None
     assert "| ours (cache) |" in result["table"]
+
+
+def test_a_run_out_of_device_memory_is_a_table_row_not_a_crash(stage_c_result):
+    from benchmarks.bench_train_step import out_of_memory_run, render_table
+
+    error = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 26.00 GiB")
+    failed = out_of_memory_run("reference (images)", "reference", "images", 24, error)
+    table = render_table({**stage_c_result, "runs": [*stage_c_result["runs"][:1], failed]})
+    assert "| reference (images) |  | out of memory at batch 24 |" in table
+    assert failed["detail"] == "CUDA out of memory. Tried to allocate 26.00 GiB"
+
+
+@pytest.mark.parametrize(
+    ("stage", "latent", "phase", "compressor_size", "image_size", "batch"),
+    [
+        ("c", 12, "stage_c_p1", 384, None, 24),  # 1,536 / 64 GPUs
+        ("c", 24, "stage_c_p2", 768, None, 24),
+        ("b", 12, "stage_b_512", 384, 512, 8),  # 512 / 64
+        ("b", 24, "stage_b", 768, 1024, 2),  # stage_b_1024: 128 / 64
+    ],
+)
+def test_paper_sizes_follow_the_recipe(tmp_path, stage, latent, phase, compressor_size, image_size, batch):
+    from benchmarks.bench_train_step import compose_config, parse_args, per_device_batch, stage_sizes
+
+    args = parse_args(["--config", "paper", "--stage", stage, "--latent", str(latent), "--device", "cpu"])
+    cfg = compose_config("paper", stage, latent, tmp_path, args)
+    sizes = stage_sizes(cfg, stage, latent)
+    assert cfg.phase == phase
+    assert sizes["compressor_size"] == compressor_size and sizes.get("image_size") == image_size
+    assert per_device_batch(cfg, args) == batch
+    # Random-init encoders: nothing is downloaded.
+    assert cfg.stage.module.text_encoder.pretrained is None
