@@ -537,7 +537,6 @@ def measure(args: argparse.Namespace, device: torch.device, peak: float | None) 
     with tempfile.TemporaryDirectory(prefix="wurst-bench-") as tmp:
         cfg = compose_config(args.config, args.stage, args.latent, Path(tmp), args)
         sizes = stage_sizes(cfg, args.stage, args.latent)
-        cfg.stage.data.compressor_size = sizes["compressor_size"]
         batch_size = per_device_batch(cfg, args)
         network_cfg = plain(cfg.stage.module.network)
         c_latent = int(plain(cfg.model.compressor).get("c_latent", 16))
