@@ -12,6 +12,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from train.checkpointing import is_valid_checkpoint
 from train.config import CONFIG_DIR
 from train.export import write_network, write_provenance
 
@@ -25,6 +26,57 @@ TINY_STAGE_C = [
     "ema.start=2", "ema.every=2",
 ]
 STEP_CHECKPOINT = re.compile(r"step-(\d+)\.ckpt$")
+
+
+def stage_c_cached_argv(output_dir: Path, shards: Path, max_steps: int, checkpoint_every: int, *extra: str) -> list[str]:
+    """Stage C on a latent cache (``write_cached_shards``): no compressor, no image decoding."""
+    return [
+        "stage=c", "experiment=tiny", "data=cached", f"data.shards={shards}", "stage.module.compressor_export=null",
+        "stage.module.measure_latent_stats=false", "logger=csv", "callbacks.progress_bar=false", "data.num_workers=0",
+        "data.global_batch_size=4", "ema.start=2", "ema.every=2", f"paths.output_dir={output_dir}",
+        f"trainer.max_steps={max_steps}", f"checkpoint_every={checkpoint_every}", *extra,
+    ]
+
+
+def write_cached_shards(folder: Path, num_shards: int = 4, per_shard: int = 16,
+                        poison: dict[str, tuple[str, float]] | None = None) -> list[str]:
+    """``wurst-data cache``-format shards of random tiny latents [16, 3, 3] and text states [77, 64];
+    ``poison`` maps a key to (member, value) to write into it, e.g. ``{"000003": ("text_hidden", inf)}``.
+    Returns the keys."""
+    import io
+    import tarfile
+
+    import numpy as np
+
+    poison = poison or {}
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = []
+
+    def add(tar, name, payload):
+        info = tarfile.TarInfo(name)
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+
+    def npy(array):
+        buffer = io.BytesIO()
+        np.save(buffer, array.astype(np.float16), allow_pickle=False)
+        return buffer.getvalue()
+
+    for shard in range(num_shards):
+        with tarfile.open(folder / f"{shard:05d}.tar", "w") as tar:
+            for i in range(per_shard):
+                key = f"{shard:02d}{i:04d}"
+                arrays = {"compressor_latents": rng.standard_normal((16, 3, 3)),
+                          "text_hidden": rng.standard_normal((77, 64))}
+                if key in poison:
+                    member, value = poison[key]
+                    arrays[member].flat[0] = value
+                for member, array in arrays.items():
+                    add(tar, f"{key}.{member}.npy", npy(array))
+                add(tar, f"{key}.txt", b"a red circle on a blue background")
+                keys.append(key)
+    return keys
 
 
 def tiny_network_config(group: str) -> dict:
@@ -62,9 +114,14 @@ def checkpoint_step(path: Path) -> int:
 
 
 def unreadable_checkpoints(run_dir: Path) -> list[str]:
-    """Every ``*.ckpt`` under ``run_dir`` that does not load with ``torch.load(weights_only=True)``."""
+    """Every ``*.ckpt`` under ``run_dir`` that fails its zip CRC checks or does not load with
+    ``torch.load(weights_only=True)`` (which does not check CRCs: flipped tensor bytes load silently)."""
     bad = []
     for path in sorted(run_dir.rglob("*.ckpt")):
+        intact, why = is_valid_checkpoint(path)
+        if not intact:
+            bad.append(f"{path}: {why}")
+            continue
         try:
             torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001 (any failure to load is what we look for)

@@ -14,8 +14,8 @@ optimiser steps (``global_step``). Points:
 - ``data``: decoding an image, the first time once s steps are complete (the next batches' loading);
 - ``save``: inside the save of ``step-<s>.ckpt``, its temporary file half written and fsynced.
 
-``disk_full``: ``{"after_bytes": n}``; every write to a checkpoint's temporary file past its first n
-bytes fails with ``OSError(ENOSPC)``, as a full filesystem would answer.
+``disk_full``: ``{"free_bytes": n}``; checkpoint temporary files share n free bytes; the write that
+needs more fails with ``OSError(ENOSPC)``, as a full filesystem would answer.
 """
 
 from __future__ import annotations
@@ -53,15 +53,17 @@ class FaultPoints:
 
 
 def install(faults: dict[str, Any]) -> None:
-    """Wrap the training stack's functions as ``faults`` asks (in this process only)."""
-    if not faults:
-        return
-    points = FaultPoints(faults["events"], faults.get("pause"))
-    _hook_steps(points)
-    _hook_data(points)
-    _hook_saves(points)
+    """Wrap the training stack's functions as ``faults`` asks (in this process only: a launched run)."""
+    if faults.get("pause"):
+        points = FaultPoints(faults["events"], faults["pause"])
+        _hook_steps(points)
+        _hook_data(points)
+        _hook_saves(points)
     if faults.get("disk_full"):
-        _fill_disk(int(faults["disk_full"]["after_bytes"]))
+        import train.checkpointing
+
+        # train.checkpointing opens its temporary files with the builtin: give that module the full disk.
+        train.checkpointing.open = full_disk_open(int(faults["disk_full"]["free_bytes"]))
 
 
 def _hook_steps(points: FaultPoints) -> None:
@@ -139,20 +141,20 @@ def _hook_saves(points: FaultPoints) -> None:
 
 
 class _FillingFile:
-    """A checkpoint temp file on a disk with ``room`` bytes left: the write that passes it stores what
+    """A checkpoint temp file on a disk with ``free["bytes"]`` left: the write that passes it stores what
     fits, then fails with ENOSPC (as ``write(2)`` on a full filesystem)."""
 
-    def __init__(self, f, room: int):
-        self._f, self._room = f, room
+    def __init__(self, f, free: dict[str, int]):
+        self._f, self._free = f, free
         self.name = f.name
 
     def write(self, b) -> int:
         view = memoryview(b).cast("B")
-        if len(view) > self._room:
-            self._f.write(view[: self._room])
-            self._room = 0
+        if len(view) > self._free["bytes"]:
+            self._f.write(view[: self._free["bytes"]])
+            self._free["bytes"] = 0
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.name)
-        self._room -= len(view)
+        self._free["bytes"] -= len(view)
         return self._f.write(view)
 
     def __getattr__(self, name: str):
@@ -165,18 +167,16 @@ class _FillingFile:
         self._f.close()
 
 
-def _fill_disk(after_bytes: int) -> None:
+def full_disk_open(free_bytes: int):
+    """``open`` for a disk with ``free_bytes`` left to checkpoint temp files (other files: unlimited)."""
     import builtins
 
-    import train.checkpointing
-
-    real_open = builtins.open
+    free = {"bytes": free_bytes}
 
     def open_on_full_disk(file, mode="r", *args, **kwargs):
-        f = real_open(file, mode, *args, **kwargs)
+        f = builtins.open(file, mode, *args, **kwargs)  # noqa: SIM115 (returned to the caller's with-block)
         if "w" in mode and TEMP_CHECKPOINT.match(os.path.basename(str(file))):
-            return _FillingFile(f, after_bytes)
+            return _FillingFile(f, free)
         return f
 
-    # train.checkpointing opens its temporary files with the builtin: give that module the full disk.
-    train.checkpointing.open = open_on_full_disk
+    return open_on_full_disk
