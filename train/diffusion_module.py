@@ -132,7 +132,7 @@ class DiffusionStageModule(L.LightningModule):
         if self.global_step % self.log_every == 0:
             grads = [p.grad for p in self.parameters() if p.grad is not None]
             if grads:
-                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+                norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
                 self.log("train/grad_norm", norm, batch_size=1)
             self.log("train/lr", optimizer.param_groups[0]["lr"], batch_size=1)
 
@@ -149,9 +149,12 @@ class DiffusionStageModule(L.LightningModule):
         rank takes the same decision.
         """
         loss = optimizer_closure() if optimizer_closure is not None else None
-        finite = all(torch.isfinite(p.grad).all() for p in self.parameters() if p.grad is not None)
+        # One host sync for the whole check: a non-finite value anywhere makes the sum non-finite.
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        flag = torch.stack(torch._foreach_norm(grads)).sum() if grads else torch.zeros((), device=self.device)
         if loss is not None:
-            finite = finite and bool(torch.isfinite(loss).all())
+            flag = flag + loss.detach().float().sum()
+        finite = bool(torch.isfinite(flag))
         if not finite:
             self.skipped_steps += 1
             self.bad_in_a_row += 1
