@@ -1,9 +1,11 @@
-"""``python -m slurm {submit,chain,status,cluster-up,cluster-down}``.
+"""``python -m slurm {submit,chain,status,manifest,cluster-up,cluster-down}``.
 
   python -m slurm submit --config conf/slurm/default.yaml --set nodes=2 --set time=48:00:00 \\
       --script outputs/jobs/c_p1.sbatch -- wurst-train experiment=paper_v2/stage_c_p1
-  python -m slurm chain conf/slurm/chain/paper_v2.yaml --config conf/slurm/default.yaml
+  python -m slurm chain conf/slurm/chain/paper_v2.yaml --config conf/slurm/default.yaml \\
+      [-- <overrides appended to every training step, e.g. logger=csv>]
   python -m slurm status outputs/paper_v2/chain.json [--watch 30]
+  python -m slurm manifest outputs/paper_v2 --pipeline paper_v2   # the chain's last job runs this
   python -m slurm cluster-up [--state-dir /tmp/wurst-slurm]    # prints: export SLURM_CONF=...
   python -m slurm cluster-down [--state-dir /tmp/wurst-slurm]
 """
@@ -20,6 +22,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from slurm.cluster import ClusterError, LoopbackCluster
+from slurm.manifest import write_pipeline_manifest
 from slurm.submit import (
     FINAL_STATES,
     SubmitError,
@@ -78,7 +81,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 def _cmd_chain(args: argparse.Namespace) -> int:
     spec = _load_mapping(args.spec)
     defaults = _apply_sets(_load_mapping(args.config), args.set)
-    pipeline, steps = chain_steps_from_spec(spec, defaults)
+    pipeline, steps = chain_steps_from_spec(spec, defaults, append=args.overrides)
     chain_file = Path(args.chain_file or Path(args.spec).with_suffix(".chain.json").name)
     if args.dry_run:
         for step in steps:
@@ -102,6 +105,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
             return 1 if failed else 0
         time.sleep(args.watch)
         print()
+
+
+def _cmd_manifest(args: argparse.Namespace) -> int:
+    print(write_pipeline_manifest(args.pipeline_dir, args.pipeline))
+    return 0
 
 
 def _cmd_cluster_up(args: argparse.Namespace) -> int:
@@ -140,7 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--chain-file", help="where to record the chain (default: <spec stem>.chain.json)")
     p.add_argument("--dry-run", action="store_true", help="print the scripts, submit nothing")
-    p.set_defaults(func=_cmd_chain)
+    p.set_defaults(func=_cmd_chain, overrides=[])
+
+    p = sub.add_parser("manifest", help="write <pipeline_dir>/pipeline.json once A, B and C have exports")
+    p.add_argument("pipeline_dir")
+    p.add_argument("--pipeline", required=True, help="the pipeline's name, e.g. tiny or paper_v2")
+    p.set_defaults(func=_cmd_manifest)
 
     p = sub.add_parser("status", help="where a submitted chain is")
     p.add_argument("chain_file")
@@ -160,7 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides: list[str] = []
+    if argv[:1] == ["chain"] and "--" in argv:  # chain <spec> [options] -- <appended to every step>
+        cut = argv.index("--")
+        argv, overrides = argv[:cut], argv[cut + 1 :]
     args = build_parser().parse_args(argv)
+    if args.cmd == "chain":
+        args.overrides = overrides
     try:
         return args.func(args)
     except (SlurmConfigError, SubmitError, ClusterError, FileNotFoundError) as err:

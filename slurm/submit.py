@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -156,7 +157,18 @@ def submit_chain(
     if len(set(stages)) != len(stages):
         raise SlurmConfigError(f"stage names repeat in the chain {stages}: each step needs its own name")
     chain_file = Path(chain_file).resolve()
-    named = [replace(s, job=replace(s.job, job_name=job_name(pipeline, s.stage))) for s in steps]
+    # WURST_CHAIN_FILE tells each job which chain it belongs to (the manifest job records it).
+    named = [
+        replace(
+            s,
+            job=replace(
+                s.job,
+                job_name=job_name(pipeline, s.stage),
+                env={**dict(s.job.env), "WURST_CHAIN_FILE": str(chain_file)},
+            ),
+        )
+        for s in steps
+    ]
     if partitions is None and any(s.job.partition is not None for s in named):
         from slurm.template import known_partitions
 
@@ -192,13 +204,17 @@ def submit_chain(
 
 
 def chain_steps_from_spec(
-    spec: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
+    spec: Mapping[str, Any],
+    defaults: Mapping[str, Any] | None = None,
+    append: Sequence[str] = (),
 ) -> tuple[str, list[ChainStep]]:
     """(pipeline, steps) from a chain spec mapping (``conf/slurm/chain/*.yaml``, interpolations resolved).
 
     Spec: ``pipeline: <name>``, ``slurm: {<SlurmJob fields shared by all steps>}``, ``steps: [{stage,
-    command, run_dir, slurm: {<SlurmJob fields for this step>}}]``; ``defaults`` (e.g. a
+    command, run_dir, slurm: {<SlurmJob fields for this step>}, append: true}]``; ``defaults`` (e.g. a
     ``conf/slurm/<cluster>.yaml``) sits under the shared block. ``env`` maps are merged, not replaced.
+    ``append``: arguments added to the command of every step whose ``append`` is not false (Hydra
+    overrides for every training job, e.g. ``logger=csv trainer.max_steps=4``).
     """
     for key in ("pipeline", "steps"):
         if key not in spec:
@@ -216,7 +232,7 @@ def chain_steps_from_spec(
             raise SlurmConfigError(
                 f"chain step #{i} lacks {missing}; each step needs stage, command and run_dir"
             )
-        unknown = sorted(set(entry) - {"stage", "command", "run_dir", "slurm"})
+        unknown = sorted(set(entry) - {"stage", "command", "run_dir", "slurm", "append"})
         if unknown:
             raise SlurmConfigError(
                 f"chain step {entry['stage']!r} has unknown key(s) {unknown}; put SLURM settings under slurm:"
@@ -232,6 +248,9 @@ def chain_steps_from_spec(
         )
         command = entry["command"]
         command = command if isinstance(command, str) else [str(c) for c in command]
+        if append and entry.get("append", True):
+            extra = [str(a) for a in append]
+            command = f"{command} {shlex.join(extra)}" if isinstance(command, str) else [*command, *extra]
         steps.append(
             ChainStep(stage=str(entry["stage"]), job=job, command=command, run_dir=str(entry["run_dir"]))
         )

@@ -15,6 +15,8 @@ from slurm.cluster import LoopbackCluster, unavailable_reason
 from slurm.submit import submit
 from slurm.template import SlurmConfigError, validate
 
+from .conftest import REPO, slurm_cli
+
 
 def running(pid: int) -> bool:
     """Whether ``pid`` is a live process (an unreaped zombie has exited)."""
@@ -111,3 +113,26 @@ def test_unavailable_reason_explains_a_missing_binary(tmp_path):
     reason = unavailable_reason(search_path=str(tmp_path))
     assert reason.startswith("SLURM/munge binaries not found: munged, slurmctld, slurmd")
     assert "apt-get install -y slurm-wlm munge" in reason
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("gpus_per_node=2", "gpus_per_node=2 but tasks_per_node=1: Lightning's SLURM environment runs one"),
+        ("partition=gpu", "partition='gpu' does not exist on this cluster; known partitions: debug"),
+    ],
+)
+def test_submit_command_refuses_bad_settings_before_submitting(cluster, tmp_path, setting, message):
+    def job_ids() -> str:
+        return subprocess.run(
+            ["squeue", "-h", "--states=all", "-o", "%i"], check=True, capture_output=True, text=True
+        ).stdout
+
+    before = job_ids()
+    script = tmp_path / "c.sbatch"
+    proc = slurm_cli(
+        "submit", "--config", str(REPO / "conf" / "slurm" / "loopback.yaml"), "--set", setting,
+        "--script", str(script), "--", "wurst-train", "stage=c", "experiment=tiny",
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and message in proc.stderr
+    assert not script.exists() and job_ids() == before

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from slurm.sweep import collect_sweep, write_sweep_summary
+
+from .conftest import SWEEP_LRS
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -59,36 +58,37 @@ def test_summary_of_a_directory_without_members_says_so(tmp_path):
         write_sweep_summary(tmp_path)
 
 
-@pytest.mark.timeout(300)
-def test_two_member_multirun_through_the_submitit_slurm_launcher_writes_the_summary(cluster, tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(HERE / "sweep_app" / "app.py"),
-            "--multirun",
-            "hydra/launcher=slurm_loopback",
-            "lr=0.1,0.2",
-            f"hydra.searchpath=[file://{REPO / 'conf'}]",
-            f"hydra.sweep.dir={sweep}",
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        env=os.environ.copy(),
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    with open(sweep / "summary.csv", newline="") as f:
+def test_sweep_is_launched_through_submitit_onto_the_cluster(tiny_sweep):
+    assert tiny_sweep.process.args[1:3] == ["--multirun", "hydra/launcher=slurm_loopback"]
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tiny_sweep):
+    returncode = tiny_sweep.wait(480)
+    assert returncode == 0, tiny_sweep.log.read_text()[-3000:]
+    return tiny_sweep
+
+
+@pytest.mark.slow
+def test_two_member_wurst_train_sweep_through_the_submitit_slurm_launcher_writes_the_summary(finished_sweep):
+    with open(finished_sweep.sweep_dir / "summary.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["member"], r["overrides"], r["status"]) for r in rows] == [
-        ("0", "lr=0.1", "ok"),
-        ("1", "lr=0.2", "ok"),
-    ]
-    assert float(rows[1]["loss"]) < float(rows[0]["loss"])  # lr 0.2 gets closer in 5 steps
-    assert all(r["slurm_job_id"] and r["host"] in ("n1", "n2") for r in rows)  # each ran as a SLURM job
-    script = next((sweep / ".submitit").glob("*/*_submission.sh"))
-    directives = script.read_text().splitlines()
+    assert [(r["member"], r["status"]) for r in rows] == [("0", "ok"), ("1", "ok")]
+    assert [r["overrides"].split()[2] for r in rows] == [f"optim.lr={lr}" for lr in SWEEP_LRS]
+    assert all(float(r["train/loss"]) > 0 for r in rows)
+    assert "| member | overrides |" in (finished_sweep.sweep_dir / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_each_sweep_member_ran_as_a_slurm_job_in_its_own_run_dir(finished_sweep):
+    sweep_name = finished_sweep.sweep_dir.name
+    for member, lr in enumerate(SWEEP_LRS):
+        run_dir = finished_sweep.output_dir / "tiny" / "sweeps" / sweep_name / str(member) / "stage_c"
+        provenance = json.loads((run_dir / "export" / "provenance.json").read_text())
+        assert provenance["steps"] == 4 and provenance["config"]["optim"]["lr"] == float(lr)
+    logs = sorted((finished_sweep.sweep_dir / ".submitit").glob("*/*_log.out"))
+    assert len(logs) == 2  # one array task per member
+    script = next((finished_sweep.sweep_dir / ".submitit").glob("*/*_submission.sh"))
+    directives = set(script.read_text().splitlines())
     # Lightning's requeue signal (not submitit's USR2), requeueable, named for squeue
-    wanted = {"#SBATCH --signal=USR1@60", "#SBATCH --requeue", "#SBATCH --job-name=wurst-app"}
-    assert wanted <= set(directives)
+    assert {"#SBATCH --signal=USR1@60", "#SBATCH --requeue", "#SBATCH --job-name=wurst-tiny"} <= directives

@@ -129,14 +129,18 @@ def test_shipped_cluster_configs_are_valid_jobs(name):
     validate(SlurmJob.from_mapping(values), check_partition=False)
 
 
-def test_paper_chain_spec_is_the_recipe_in_order():
+def paper_chain():
     from omegaconf import OmegaConf
 
     spec = OmegaConf.to_container(
         OmegaConf.load(REPO / "conf" / "slurm" / "chain" / "paper_v2.yaml"), resolve=True
     )
     defaults = yaml.safe_load((REPO / "conf" / "slurm" / "default.yaml").read_text())
-    pipeline, steps = chain_steps_from_spec(spec, defaults)
+    return chain_steps_from_spec(spec, defaults)
+
+
+def test_paper_chain_spec_is_the_recipe_in_order_then_the_manifest():
+    pipeline, steps = paper_chain()
     assert pipeline == "paper_v2"
     assert [s.stage for s in steps] == [
         "stage_a",
@@ -146,10 +150,27 @@ def test_paper_chain_spec_is_the_recipe_in_order():
         "stage_c_p2",
         "stage_c_p3",
         "stage_c_p4",
+        "manifest",
     ]
     assert all(s.job.job_name == f"wurst-paper_v2-{s.stage}" for s in steps)
+    training, manifest = steps[:-1], steps[-1]
     assert all(
-        s.job.gpus_per_node == 8 and s.job.env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" for s in steps
+        s.job.gpus_per_node == 8 and s.job.env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" for s in training
     )
+    assert all("trainer=multinode" in s.command for s in training)
+    assert (manifest.job.nodes, manifest.job.gpus_per_node) == (1, 0)
     for step in steps:
         validate(step.job, check_partition=False)
+
+
+@pytest.mark.slow
+def test_paper_chain_run_dirs_are_where_its_experiments_train():
+    from hydra import compose, initialize_config_dir
+
+    from train.config import CONFIG_DIR
+
+    _, steps = paper_chain()
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        for step in steps[:-1]:  # the last one writes the manifest
+            cfg = compose(config_name="train", overrides=str(step.command).split()[1:])
+            assert Path(cfg.run_dir) == Path(step.run_dir), step.stage
