@@ -83,6 +83,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.close(dir_fd)
 
     def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict[str, Any]:
+        # torch.load does not check the zip CRCs: flipped bytes inside a tensor would load silently as
+        # wrong weights. resume=auto has checked them already; an explicit resume=<path> is checked here.
+        intact, why = (True, "ok") if _identity(path) in _verified else is_valid_checkpoint(path)
+        if not intact:
+            raise ValueError(
+                f"checkpoint {path} is corrupted ({why}); resume from an older checkpoint (resume=<path>), "
+                "or use resume=auto, which skips corrupted checkpoints"
+            )
         # Resumable checkpoints hold only tensors and plain containers: never unpickle code.
         try:
             return torch.load(path, map_location=map_location or "cpu", weights_only=True)
@@ -143,9 +151,20 @@ def failed_write_error(path: Path, error: OSError) -> OSError:
     )
 
 
+# Checkpoints whose CRCs passed in this process (path, inode, size, mtime, ctime): loading the one
+# resume=auto chose does not read it a third time to check it again.
+_verified: set[tuple[str, int, int, int, int]] = set()
+
+
+def _identity(path: str | os.PathLike) -> tuple[str, int, int, int, int]:
+    stat = os.stat(path)
+    return str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+
 def is_valid_checkpoint(path: str | os.PathLike) -> tuple[bool, str]:
     """Whether ``path`` is a complete torch checkpoint (zip with intact CRCs)."""
     try:
+        identity = _identity(path)
         with zipfile.ZipFile(path) as zf:
             bad = zf.testzip()
             if bad is not None:
@@ -154,6 +173,7 @@ def is_valid_checkpoint(path: str | os.PathLike) -> tuple[bool, str]:
                 return False, "no data.pkl inside: not a torch checkpoint"
     except (zipfile.BadZipFile, OSError, EOFError) as err:
         return False, f"{type(err).__name__}: {err}"
+    _verified.add(identity)
     return True, "ok"
 
 

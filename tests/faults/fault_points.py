@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 TEMP_CHECKPOINT = re.compile(r"^\.step-(\d+)\.ckpt\.tmp-\d+$")
+ORPHAN_TIMEOUT = 600
 
 
 class FaultPoints:
@@ -42,14 +43,15 @@ class FaultPoints:
         return self.pause.get("point") == point and step is not None and step >= int(self.pause["step"])
 
     def stop_here(self, point: str, step: int | None, **detail: Any) -> None:
-        """Record where the run is, then wait for the test's SIGKILL."""
+        """Record where the run is, then wait for the test's SIGKILL (at most ORPHAN_TIMEOUT seconds, so a
+        run whose test died does not wait forever)."""
         line = json.dumps({"point": point, "step": step, "pid": os.getpid(), **detail})
         with open(self.events, "a") as f:
             f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
-        while True:
-            time.sleep(60)
+        time.sleep(ORPHAN_TIMEOUT)
+        os._exit(3)
 
 
 def install(faults: dict[str, Any]) -> None:
@@ -81,7 +83,7 @@ def _hook_steps(points: FaultPoints) -> None:
 
         def closure():
             loss = optimizer_closure()
-            if points.wanted("step", done) and done == int(points.pause["step"]):
+            if points.pause.get("point") == "step" and done == int(points.pause["step"]):
                 points.stop_here("step", done)
             return loss
 

@@ -1,6 +1,7 @@
 """A corrupted newest checkpoint in a real run directory: ``resume=auto`` detects it (truncated zip,
 or a CRC that no longer matches after flipped bytes), logs it, falls back to the previous valid
-checkpoint, and the run completes."""
+checkpoint, and the run completes. A corrupted checkpoint named explicitly (``resume=<path>``) is
+refused rather than loaded: torch.load itself does not check CRCs."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
+from train.checkpointing import AtomicCheckpointIO
 from train.export import read_provenance
 
 from .conftest import stage_c_argv, stage_c_dir, unreadable_checkpoints, write_hand_off_exports
-
-pytestmark = pytest.mark.slow
 
 EVERY = 3
 
@@ -31,6 +32,7 @@ def flip_bytes(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_a_truncated_then_a_byte_flipped_newest_checkpoint_is_skipped_and_the_run_completes(tmp_path, launcher):
     out = write_hand_off_exports(tmp_path)
     checkpoints = stage_c_dir(out) / "checkpoints"
@@ -48,3 +50,14 @@ def test_a_truncated_then_a_byte_flipped_newest_checkpoint_is_skipped_and_the_ru
         assert f"resuming from {previous}" in output
         assert read_provenance(stage_c_dir(out) / "export")["steps"] == steps
         assert unreadable_checkpoints(stage_c_dir(out)) == []  # the corrupted one was rewritten by the rerun
+
+
+def test_a_checkpoint_with_flipped_bytes_named_explicitly_is_refused_not_loaded_silently(tmp_path):
+    path = tmp_path / "step-000000001.ckpt"
+    weights = torch.arange(100_000, dtype=torch.float32)
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": weights}}, path)
+    flip_bytes(path)
+    silently = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]["w"]
+    assert not torch.equal(silently, weights)  # what plain torch.load would resume from
+    with pytest.raises(ValueError, match=r"is corrupted \(member .* fails its CRC check\)"):
+        AtomicCheckpointIO().load_checkpoint(path)
