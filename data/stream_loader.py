@@ -11,6 +11,7 @@ ahead).
 from __future__ import annotations
 
 import copy
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +21,13 @@ from data.data_stats import DataStats
 from data.resume import StreamPosition
 from data.shard_stream import ShardStream
 from data.topology import rank_and_world_size
+
+
+def _ignore_sigterm(_worker_id: int) -> None:
+    """SLURM sends SIGTERM to every process of a job (scontrol requeue, preemption): a worker must
+    outlive it so the training process can finish its step and write the checkpoint; the worker
+    still ends with its parent."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class StreamLoader:
@@ -61,7 +69,8 @@ class StreamLoader:
         }
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             prefetch_factor=self.prefetch_factor,
-                            multiprocessing_context=self.multiprocessing_context)
+                            multiprocessing_context=self.multiprocessing_context,
+                            worker_init_fn=_ignore_sigterm if self.num_workers > 0 else None)
         for batch in loader:
             if self.stats is not None:
                 self.stats.update(batch["data_stats"])

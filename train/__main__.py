@@ -33,6 +33,10 @@ def run(cfg: DictConfig) -> float | None:
 
 def write_member_metrics(metrics: dict) -> None:
     """Final metrics beside Hydra's output, where the sweep summary reads them."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank != 0:
+        return
     try:
         from hydra.core.hydra_config import HydraConfig
 

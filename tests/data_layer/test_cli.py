@@ -42,10 +42,10 @@ def test_inspect_reports_the_designed_pass_rate_and_skips(broken_shards, tmp_pat
 def test_another_package_can_register_a_subcommand(capsys, monkeypatch):
     monkeypatch.setattr(cli, "SUBCOMMANDS", dict(cli.SUBCOMMANDS))
     cli.register_subcommand(cli.Subcommand(
-        "coco30k", "build the COCO-30K prompt set",
+        "toy-prompts", "build a toy prompt set",
         lambda parser: parser.add_argument("--count", type=int, default=30000),
         lambda args: print(f"would build {args.count} prompts")))
-    assert cli.main(["coco30k", "--count", "5"]) == 0
+    assert cli.main(["toy-prompts", "--count", "5"]) == 0
     assert "would build 5 prompts" in capsys.readouterr().out
 
 

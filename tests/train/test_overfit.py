@@ -58,9 +58,12 @@ def test_stage_b_diffusion_loss_falls_threefold_on_a_fixed_batch(synthetic_batch
 
 
 def test_stage_c_diffusion_loss_falls_tenfold_on_a_fixed_batch(synthetic_batch, tiny_pipeline_dir):
+    # The public v2 hand-off ((z + 1)/42), as the paper trains; the tiny recipe's measured
+    # statistics are checked by the pipeline itself.
     losses = fit_on_one_batch(
         "c", synthetic_batch, 80,
-        [f"paths.output_dir={tiny_pipeline_dir.parent}", "optim.warmup_steps=0", "optim.lr=2e-3"],
+        [f"paths.output_dir={tiny_pipeline_dir.parent}", "optim.warmup_steps=0", "optim.lr=2e-3",
+         "stage.module.measure_latent_stats=false"],
     )
     assert mean(losses[-10:]) < mean(losses[:10]) / 10, losses
     assert torch.isfinite(torch.tensor(losses)).all()
