@@ -137,7 +137,7 @@ def apply_init_from(cfg: DictConfig, module: L.LightningModule) -> None:
         if cfg.stage.name == "b" and extra.is_file():
             module.compressor.load_state_dict(load_file(str(extra)))
     else:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = AtomicCheckpointIO().load_checkpoint(path)  # CRC-checked, weights_only
         module.load_state_dict(ckpt["state_dict"])
     log.info("initialised from %s (%s)", path, init.get("mode", "weights"))
 
