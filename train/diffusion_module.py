@@ -136,6 +136,14 @@ class DiffusionStageModule(L.LightningModule):
                 self.log("train/grad_norm", norm, batch_size=1)
             self.log("train/lr", optimizer.param_groups[0]["lr"], batch_size=1)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["non_finite_steps"] = {"skipped": self.skipped_steps, "in_a_row": self.bad_in_a_row}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        counts = checkpoint.get("non_finite_steps", {})
+        self.skipped_steps = int(counts.get("skipped", 0))
+        self.bad_in_a_row = int(counts.get("in_a_row", 0))
+
     def on_train_batch_start(self, batch, batch_idx) -> None:
         accumulate = max(1, int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1))
         seed_step(self.seed, self.global_step, self.global_rank, batch_idx % accumulate)
