@@ -254,6 +254,10 @@ def train_stage(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    if any(lg.__class__.__name__ == "WandbLogger" for lg in loggers):
+        import wandb
+
+        wandb.finish()  # the next stage of a pipeline gets its own run
     if trainer.is_global_zero:
         extra = {"metrics": metrics, **data_provenance(datamodule)}
         for cb in callbacks:
