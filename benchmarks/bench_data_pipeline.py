@@ -31,10 +31,10 @@ from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.laion_filter import LAIONFilter
-from data.shard_stream import ImageShardStream
-from data.stream_loader import StreamLoader
-from data.synthetic import write_synthetic_shards
+from wurst.data.laion_filter import LAIONFilter
+from wurst.data.shard_stream import ImageShardStream
+from wurst.data.stream_loader import StreamLoader
+from wurst.data.synthetic import write_synthetic_shards
 
 HALF_FAILING = {"size": 0.125, "watermark": 0.125, "unsafe": 0.125, "aesthetic": 0.125}
 

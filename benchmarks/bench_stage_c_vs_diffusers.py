@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from models.diffusers_compat import to_diffusers
-from models.stage_c import StageC
+from wurst.models.diffusers_compat import to_diffusers
+from wurst.models.stage_c import StageC
 
 
 def _step(model: torch.nn.Module, x: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> tuple[float, float]:

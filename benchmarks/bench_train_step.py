@@ -53,11 +53,11 @@ from omegaconf import DictConfig
 from benchmarks.model_flops import count_on_meta, model_flops_utilisation, peak_flops_per_s
 from benchmarks.reference_loop import OfficialStyleLoop, diffusers_network
 from benchmarks.step_meters import HostSyncCounter, PeakMemory, StepClock, release_memory, summarise_steps
-from data.datamodule import per_device_batch_size
-from train.config import CONFIG_DIR  # also registers the configs' resolvers
-from train.diffusion_module import instantiate_network, network_config
-from train.export import load_network, write_network, write_provenance
-from train.run_stage import build_module, plain
+from wurst.data.datamodule import per_device_batch_size
+from wurst.train.config import CONFIG_DIR  # also registers the configs' resolvers
+from wurst.train.diffusion_module import instantiate_network, network_config
+from wurst.train.export import load_network, write_network, write_provenance
+from wurst.train.run_stage import build_module, plain
 
 # paper_v2 phase of each (stage, compressor latent side): REFERENCE.md recipe (Stage C 12×12 then 24×24;
 # Stage B at 512 px with the compressor at 384 → 12×12, then 1024 / 768 → 24×24).
@@ -280,7 +280,7 @@ def run_ours(cfg: DictConfig, source: str, batch: Mapping[str, Any], device: tor
     meter = StepMeter(clock, count_step(args), "cuda" if device.type == "cuda" else None)
     callbacks: list[L.Callback] = [meter]
     if args.callbacks:  # what every stage run adds: progress bar, carbon ledger, previews (off)
-        from train.callbacks import build_callbacks
+        from wurst.train.callbacks import build_callbacks
 
         callbacks += build_callbacks(cfg, Path(cfg.pipeline_dir) / "callbacks")
     trainer_kwargs = plain(cfg.trainer)
@@ -389,10 +389,10 @@ def project_recipe(run: Mapping[str, Any], phases: list, device_name: str, on_gp
 
     Energy is board power (the accounting table; the configured fallback on CPU) × the timed hours.
     """
-    from train.accounting.carbon import default_pue, energy_kwh, resolve_carbon_intensity
-    from train.accounting.ledger import Ledger
-    from train.accounting.power import board_power_watts, fallback_watts
-    from train.accounting.projection import project
+    from wurst.train.accounting.carbon import default_pue, energy_kwh, resolve_carbon_intensity
+    from wurst.train.accounting.ledger import Ledger
+    from wurst.train.accounting.power import board_power_watts, fallback_watts
+    from wurst.train.accounting.projection import project
 
     watts = board_power_watts(device_name) if on_gpu else None
     source = "table" if watts is not None else "configured"
@@ -452,7 +452,7 @@ def render_table(result: Mapping[str, Any]) -> str:
 
 def render_projection(result: Mapping[str, Any], projections: Mapping[str, Any]) -> str:
     """The recipe projection at the fastest of our runs, then each run's total device-hours."""
-    from train.accounting.projection import render
+    from wurst.train.accounting.projection import render
 
     setup = result["setup"]
     ours = [r for r in result["runs"] if r["impl"] == "ours" and r["run"] in projections]
@@ -605,7 +605,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch=torch.__version__, argv=sys.argv[1:] if argv is None else list(argv),
     )
 
-    from train.accounting.projection import DEFAULT_RECIPE, read_recipe
+    from wurst.train.accounting.projection import DEFAULT_RECIPE, read_recipe
 
     phases = read_recipe(args.recipe or DEFAULT_RECIPE, phases=f"stage_{args.stage}_*")
     projections = {run["run"]: project_recipe(run, phases, device_name, device.type == "cuda")

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.diffusion import add_noise, p2_weight, sample_training_t
+from wurst.models.diffusion import add_noise, p2_weight, sample_training_t
 
 
 def diffusers_network(stage: str, network_config: Mapping[str, Any]) -> nn.Module:

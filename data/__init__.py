@@ -19,13 +19,13 @@ Rooms:
 This package imports neither ``models`` nor ``train`` nor ``eval``.
 """
 
-from data.data_stats import DataStats
-from data.laion_filter import LAIONFilter
-from data.resume import StreamPosition
-from data.shard_spec import expand_shards
-from data.shard_stream import CachedShardStream, ImageShardStream
-from data.stream_loader import StreamLoader
-from data.transforms import AspectBuckets
+from wurst.data.data_stats import DataStats
+from wurst.data.laion_filter import LAIONFilter
+from wurst.data.resume import StreamPosition
+from wurst.data.shard_spec import expand_shards
+from wurst.data.shard_stream import CachedShardStream, ImageShardStream
+from wurst.data.stream_loader import StreamLoader
+from wurst.data.transforms import AspectBuckets
 
 __all__ = ["AspectBuckets", "CachedShardStream", "DataStats", "ImageShardStream", "LAIONFilter", "StreamLoader",
            "StreamPosition", "expand_shards"]

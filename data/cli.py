@@ -4,7 +4,7 @@ Subcommands live in a registry. Another package adds one (``coco30k`` from ``eva
 package importing it: it defines a :class:`Subcommand` and declares it as an entry point,
 
     [project.entry-points."wurst.data_subcommands"]
-    coco30k = "eval.coco30k:SUBCOMMAND"
+    coco30k = "wurst.eval.coco30k:SUBCOMMAND"
 
 or calls :func:`register_subcommand` before :func:`main`.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from data.laion_filter import LAIONFilter
+from wurst.data.laion_filter import LAIONFilter
 
 ENTRY_POINT_GROUP = "wurst.data_subcommands"
 
@@ -74,7 +74,7 @@ def _key_values(text: str, cast: Callable[[str], float | int], what: str) -> dic
 
 
 def _synth_arguments(parser: argparse.ArgumentParser) -> None:
-    from data.synthetic import CORRUPTIONS, DEFAULT_FAIL_FRACTIONS, FILTER_FAILURES
+    from wurst.data.synthetic import CORRUPTIONS, DEFAULT_FAIL_FRACTIONS, FILTER_FAILURES
 
     parser.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
     parser.add_argument("--samples", type=int, default=512, help="samples in total (default 512)")
@@ -94,7 +94,7 @@ def _synth_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from data.synthetic import write_synthetic_shards
+    from wurst.data.synthetic import write_synthetic_shards
 
     manifest = write_synthetic_shards(
         args.out, num_samples=args.samples, num_shards=args.shards, resolution=args.resolution, seed=args.seed,
@@ -126,7 +126,7 @@ def _cache_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from data.latent_cache import cache_shards
+    from wurst.data.latent_cache import cache_shards
 
     summary = cache_shards(args.shards, args.out, args.compressor, args.text_encoder,
                            compressor_weights=args.compressor_weights, resolution=args.resolution,
@@ -147,7 +147,7 @@ def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from data.inspect_shards import format_report, inspect_shards
+    from wurst.data.inspect_shards import format_report, inspect_shards
 
     report = inspect_shards(args.shards, load_filter(args.filter), args.limit)
     print(format_report(report))

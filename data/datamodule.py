@@ -18,14 +18,14 @@ from typing import Any
 
 from lightning.pytorch import LightningDataModule
 
-from data.data_stats import DataStats
-from data.laion_filter import LAIONFilter
-from data.resume import StreamPosition
-from data.shard_stream import CachedShardStream, ImageShardStream, ShardStream
-from data.stream_loader import StreamLoader
-from data.synthetic import MANIFEST, write_synthetic_shards
-from data.topology import rank_and_world_size
-from data.transforms import AspectBuckets
+from wurst.data.data_stats import DataStats
+from wurst.data.laion_filter import LAIONFilter
+from wurst.data.resume import StreamPosition
+from wurst.data.shard_stream import CachedShardStream, ImageShardStream, ShardStream
+from wurst.data.stream_loader import StreamLoader
+from wurst.data.synthetic import MANIFEST, write_synthetic_shards
+from wurst.data.topology import rank_and_world_size
+from wurst.data.transforms import AspectBuckets
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from data import data_stats as kinds
-from data.laion_filter import LAIONFilter
-from data.shard_spec import expand_shards
-from data.shard_stream import Reader, judge_sample, tar_to_samples
-from data.transforms import IMAGE_EXTENSIONS, open_image
+from wurst.data import data_stats as kinds
+from wurst.data.laion_filter import LAIONFilter
+from wurst.data.shard_spec import expand_shards
+from wurst.data.shard_stream import Reader, judge_sample, tar_to_samples
+from wurst.data.transforms import IMAGE_EXTENSIONS, open_image
 
 WORD_BINS = (0, 3, 5, 10, 20, 40)
 SIZE_BINS = (0, 256, 512, 1024, 2048, 4096)

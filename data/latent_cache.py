@@ -36,12 +36,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from data.data_stats import DataStats
-from data.laion_filter import LAIONFilter
-from data.shard_spec import expand_shards
-from data.shard_stream import ImageShardStream
-from data.stream_loader import StreamLoader
-from data.topology import rank_and_world_size
+from wurst.data.data_stats import DataStats
+from wurst.data.laion_filter import LAIONFilter
+from wurst.data.shard_spec import expand_shards
+from wurst.data.shard_stream import ImageShardStream
+from wurst.data.stream_loader import StreamLoader
+from wurst.data.topology import rank_and_world_size
 
 log = logging.getLogger(__name__)
 

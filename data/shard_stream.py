@@ -41,14 +41,14 @@ import torch
 from torch.utils.data import IterableDataset
 from webdataset.filters import _shuffle as shuffle_buffer
 
-from data import data_stats as kinds
-from data.captions import clean_caption
-from data.data_stats import DataStats
-from data.laion_filter import LAIONFilter
-from data.resume import ReaderProgress
-from data.shard_spec import expand_shards, open_shard, shard_list_digest
-from data.topology import rank_and_world_size, stream_seed, worker_and_num_workers
-from data.transforms import IMAGE_EXTENSIONS, AspectBuckets, ImageSizeError, StageTransform
+from wurst.data import data_stats as kinds
+from wurst.data.captions import clean_caption
+from wurst.data.data_stats import DataStats
+from wurst.data.laion_filter import LAIONFilter
+from wurst.data.resume import ReaderProgress
+from wurst.data.shard_spec import expand_shards, open_shard, shard_list_digest
+from wurst.data.topology import rank_and_world_size, stream_seed, worker_and_num_workers
+from wurst.data.transforms import IMAGE_EXTENSIONS, AspectBuckets, ImageSizeError, StageTransform
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from data.data_stats import DataStats
-from data.resume import StreamPosition
-from data.shard_stream import ShardStream
-from data.topology import rank_and_world_size
+from wurst.data.data_stats import DataStats
+from wurst.data.resume import StreamPosition
+from wurst.data.shard_stream import ShardStream
+from wurst.data.topology import rank_and_world_size
 
 
 def _ignore_sigterm(_worker_id: int) -> None:

@@ -23,8 +23,8 @@ from typing import Any
 
 from PIL import Image, ImageChops, ImageDraw
 
-from data.laion_filter import LAIONFilter
-from data.topology import stream_seed
+from wurst.data.laion_filter import LAIONFilter
+from wurst.data.topology import stream_seed
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 220, 40),

@@ -1,4 +1,4 @@
-"""``wurst-eval`` / ``python -m eval``: generate (optional), then score a prompt set (conf/eval/eval.yaml)."""
+"""``wurst-eval`` / ``python -m wurst.eval``: generate (optional), then score a prompt set (conf/eval/eval.yaml)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from eval.evaluate import evaluate
+from wurst.eval.evaluate import evaluate
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf" / "eval")
 

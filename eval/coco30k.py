@@ -33,9 +33,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from data.cli import Subcommand
-from eval.image_folder import load_rgb, resize_center_crop, write_png_atomic
-from eval.prompt_set import PromptRecord, write_prompt_file
+from wurst.data.cli import Subcommand
+from wurst.eval.image_folder import load_rgb, resize_center_crop, write_png_atomic
+from wurst.eval.prompt_set import PromptRecord, write_prompt_file
 
 COCO30K_SIZE = 30_000  # REFERENCE.md "Evaluation (COCO-30K)": 30,000 captions, one per image
 DEFAULT_RESOLUTION = 256
@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m eval.coco30k --annotations ... --images ... --out ...``."""
+    """``python -m wurst.eval.coco30k --annotations ... --images ... --out ...``."""
     parser = argparse.ArgumentParser(
         prog="coco30k", description="Build the COCO-30K prompt and reference set."
     )

@@ -26,19 +26,19 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
-from eval.clip_score import ClipScore
-from eval.generate import generate_images, rank_and_world_size
-from eval.image_folder import (
+from wurst.eval.clip_score import ClipScore
+from wurst.eval.generate import generate_images, rank_and_world_size
+from wurst.eval.image_folder import (
     images_for_prompts,
     list_images,
     load_rgb,
     resize_center_crop,
     to_uint8_batch,
 )
-from eval.inception import build_fid, build_inception_score
-from eval.pickscore import PickScore, preference
-from eval.prompt_set import read_prompt_file
-from eval.report import write_metrics_json, write_results_table, write_sample_grid
+from wurst.eval.inception import build_fid, build_inception_score
+from wurst.eval.pickscore import PickScore, preference
+from wurst.eval.prompt_set import read_prompt_file
+from wurst.eval.report import write_metrics_json, write_results_table, write_sample_grid
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from eval.image_folder import to_pil, write_png_atomic
-from eval.prompt_set import PromptRecord
+from wurst.eval.image_folder import to_pil, write_png_atomic
+from wurst.eval.prompt_set import PromptRecord
 
 Sampler = Callable[..., torch.Tensor]
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from eval.prompt_set import PromptRecord
+from wurst.eval.prompt_set import PromptRecord
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 

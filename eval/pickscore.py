@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from eval.clip_score import load_transformers_clip, transformers_embeddings
+from wurst.eval.clip_score import load_transformers_clip, transformers_embeddings
 
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"

@@ -14,8 +14,8 @@ from typing import Any
 
 from PIL import Image
 
-from eval.coco30k import COCO30K_SIZE
-from eval.image_folder import load_rgb, resize_center_crop, write_png_atomic
+from wurst.eval.coco30k import COCO30K_SIZE
+from wurst.eval.image_folder import load_rgb, resize_center_crop, write_png_atomic
 
 # (metrics.json key, table header); arrows say which way is better.
 COLUMNS = (

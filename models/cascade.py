@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.samplers import SAMPLERS, Generators, cfg_eps, draw_noise, resolve_t_grid, sample
+from wurst.models.samplers import SAMPLERS, Generators, cfg_eps, draw_noise, resolve_t_grid, sample
 
 TextEncoderFn = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
 

@@ -15,7 +15,6 @@ This is the only file in ``models/`` that imports diffusers.
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,8 +24,9 @@ import torch
 from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
 from torch import nn
 
-from models.stage_a import StageA
-from models.stage_c import StageC
+from wurst.models.stage_a import StageA
+from wurst.models.stage_b import StageB
+from wurst.models.stage_c import StageC
 
 # How many differences of each kind a mismatch report lists before summarising the rest.
 _REPORT_LIMIT = 10
@@ -41,17 +41,11 @@ class _Pair:
 
 
 def _pairs() -> list[_Pair]:
-    pairs = [
+    return [
         _Pair(StageA, PaellaVQModel, ("beta",)),
         _Pair(StageC, WuerstchenPrior, ("gradient_checkpointing",)),
+        _Pair(StageB, WuerstchenDiffNeXt, ("gradient_checkpointing",)),
     ]
-    # Stage B is optional here only so that this module works before models/stage_b.py exists; once the
-    # file is there, an import error inside it propagates.
-    if importlib.util.find_spec("models.stage_b") is not None:
-        from models.stage_b import StageB
-
-        pairs.append(_Pair(StageB, WuerstchenDiffNeXt, ("gradient_checkpointing",)))
-    return pairs
 
 
 def _pair_for(model: nn.Module) -> _Pair:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from models.diffusion import cosine_alpha_cumprod
+from wurst.models.diffusion import cosine_alpha_cumprod
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Generators = torch.Generator | Sequence[torch.Generator] | None

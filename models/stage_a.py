@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.common import LayerNorm2d
+from wurst.models.common import LayerNorm2d
 
 
 class MixingResidualBlock(nn.Module):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.common import AttnBlock, GlobalResponseNorm, LayerNorm2d, TimestepBlock, timestep_embedding
+from wurst.models.common import AttnBlock, GlobalResponseNorm, LayerNorm2d, TimestepBlock, timestep_embedding
 
 BLOCK_TYPES = {"C": "ResBlockStageB", "T": "TimestepBlock", "A": "AttnBlock"}
 # Lower bound of the predicted noise scale b (the official forward's eps=1e-3).

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.common import AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, timestep_embedding
+from wurst.models.common import AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, timestep_embedding
 
 
 class StageC(nn.Module):

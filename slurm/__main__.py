@@ -1,13 +1,13 @@
-"""``python -m slurm {submit,chain,status,manifest,cluster-up,cluster-down}``.
+"""``python -m wurst.slurm {submit,chain,status,manifest,cluster-up,cluster-down}``.
 
-  python -m slurm submit --config conf/slurm/default.yaml --set nodes=2 --set time=48:00:00 \\
+  python -m wurst.slurm submit --config conf/slurm/default.yaml --set nodes=2 --set time=48:00:00 \\
       --script outputs/jobs/c_p1.sbatch -- wurst-train experiment=paper_v2/stage_c_p1
-  python -m slurm chain conf/slurm/chain/paper_v2.yaml --config conf/slurm/default.yaml \\
+  python -m wurst.slurm chain conf/slurm/chain/paper_v2.yaml --config conf/slurm/default.yaml \\
       [-- <overrides appended to every training step, e.g. logger=csv>]
-  python -m slurm status outputs/paper_v2/chain.json [--watch 30]
-  python -m slurm manifest outputs/paper_v2 --pipeline paper_v2   # the chain's last job runs this
-  python -m slurm cluster-up [--state-dir /tmp/wurst-slurm]    # prints: export SLURM_CONF=...
-  python -m slurm cluster-down [--state-dir /tmp/wurst-slurm]
+  python -m wurst.slurm status outputs/paper_v2/chain.json [--watch 30]
+  python -m wurst.slurm manifest outputs/paper_v2 --pipeline paper_v2   # the chain's last job runs this
+  python -m wurst.slurm cluster-up [--state-dir /tmp/wurst-slurm]    # prints: export SLURM_CONF=...
+  python -m wurst.slurm cluster-down [--state-dir /tmp/wurst-slurm]
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from slurm.cluster import ClusterError, LoopbackCluster
-from slurm.manifest import write_pipeline_manifest
-from slurm.submit import (
+from wurst.slurm.cluster import ClusterError, LoopbackCluster
+from wurst.slurm.manifest import write_pipeline_manifest
+from wurst.slurm.submit import (
     FINAL_STATES,
     SubmitError,
     chain_status,
@@ -32,7 +32,7 @@ from slurm.submit import (
     submit,
     submit_chain,
 )
-from slurm.template import SlurmConfigError, SlurmJob, render_sbatch, validate
+from wurst.slurm.template import SlurmConfigError, SlurmJob, render_sbatch, validate
 
 DEFAULT_STATE_DIR = "/tmp/wurst-slurm"
 
@@ -92,7 +92,7 @@ def _cmd_chain(args: argparse.Namespace) -> int:
     record = submit_chain(pipeline, steps, chain_file)
     for entry in record.jobs:
         print(f"{entry['job_id']}\t{entry['job_name']}\t{entry['run_dir']}")
-    print(f"chain file: {record.chain_file}  (python -m slurm status {record.chain_file})")
+    print(f"chain file: {record.chain_file}  (python -m wurst.slurm status {record.chain_file})")
     return 0
 
 
@@ -127,7 +127,7 @@ def _cmd_cluster_down(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m slurm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m wurst.slurm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="cmd", required=True)
 

@@ -221,7 +221,7 @@ class LoopbackCluster:
                 # SIGTERM -> SIGKILL grace: long enough for a tiny job to write its checkpoint.
                 "KillWait=15",
                 # Keep finished jobs in the controller for an hour: without accounting, `scontrol show job`
-                # is how `python -m slurm status` reports them.
+                # is how `python -m wurst.slurm status` reports them.
                 "MinJobAge=3600",
                 "SlurmctldDebug=info",
                 "SlurmdDebug=info",

@@ -1,9 +1,9 @@
 """``pipeline.json`` for a pipeline trained as a chain of SLURM jobs.
 
 ``wurst-train pipeline=...`` trains A, B and C in one process and writes ``<pipeline_dir>/pipeline.json``
-at the end. A chain (``python -m slurm chain``) trains each stage, or phase, in its own job, so nobody
+at the end. A chain (``python -m wurst.slurm chain``) trains each stage, or phase, in its own job, so nobody
 is there at the end to write it: the chain specs end with a small job, ``afterok`` the last stage, that
-runs ``python -m slurm manifest <pipeline_dir> --pipeline <name>``. It reads every stage run directory's
+runs ``python -m wurst.slurm manifest <pipeline_dir> --pipeline <name>``. It reads every stage run directory's
 ``export/provenance.json`` (no torch, no weights loaded) and refuses to call a pipeline directory complete
 while a stage export is missing.
 """
@@ -52,7 +52,7 @@ def write_pipeline_manifest(pipeline_dir: str | os.PathLike, pipeline: str) -> P
         raise FileNotFoundError(
             f"pipeline directory {root} is not complete: no export in {', '.join(missing)} "
             f"(expected {root}/<stage>/export/model.safetensors); check those stages' jobs and logs "
-            "(python -m slurm status <chain file>)"
+            "(python -m wurst.slurm status <chain file>)"
         )
     phases = stage_phases(root)
     manifest = {
@@ -61,7 +61,7 @@ def write_pipeline_manifest(pipeline_dir: str | os.PathLike, pipeline: str) -> P
         "metrics": {name: phase["metrics"] for name, phase in phases.items()},
         "phases": phases,
         "chain": {
-            "written_by": "python -m slurm manifest",
+            "written_by": "python -m wurst.slurm manifest",
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
             "chain_file": os.environ.get("WURST_CHAIN_FILE"),
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

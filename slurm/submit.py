@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from slurm.template import SlurmConfigError, SlurmJob, render_sbatch, validate
+from wurst.slurm.template import SlurmConfigError, SlurmJob, render_sbatch, validate
 
 # squeue/scontrol states after which a job will not run again (unless requeued by hand).
 FINAL_STATES = {
@@ -59,7 +59,7 @@ def sbatch(script: str | Path, dependency: str | None = None, kill_on_invalid_de
     if shutil.which("sbatch") is None:
         raise SubmitError(
             "sbatch is not installed here: submit from a login node of the cluster "
-            "(or start the loopback test cluster: python -m slurm cluster-up)"
+            "(or start the loopback test cluster: python -m wurst.slurm cluster-up)"
         )
     cmd = ["sbatch", "--parsable"]
     if dependency:
@@ -121,7 +121,7 @@ class ChainRecord:
         path = Path(chain_file)
         if not path.is_file():
             raise FileNotFoundError(
-                f"chain file {path} not found; `python -m slurm chain <spec.yaml>` writes it"
+                f"chain file {path} not found; `python -m wurst.slurm chain <spec.yaml>` writes it"
             )
         data = json.loads(path.read_text())
         return cls(
@@ -170,7 +170,7 @@ def submit_chain(
         for s in steps
     ]
     if partitions is None and any(s.job.partition is not None for s in named):
-        from slurm.template import known_partitions
+        from wurst.slurm.template import known_partitions
 
         partitions = known_partitions()
     for step in named:

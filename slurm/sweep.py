@@ -11,7 +11,7 @@ multirun ends::
     hydra:
       callbacks:
         sweep_summary:
-          _target_: slurm.sweep.SweepSummary
+          _target_: wurst.slurm.sweep.SweepSummary
 """
 
 from __future__ import annotations

@@ -245,7 +245,7 @@ def render_sbatch(job: SlurmJob, command: str | Sequence[str]) -> str:
     ]
     body = [
         "#!/bin/bash",
-        f"# {job.job_name}: rendered by slurm/template.py; submit with `python -m slurm submit` or `sbatch`.",
+        f"# {job.job_name}: rendered by slurm/template.py; submit with `python -m wurst.slurm submit` or `sbatch`.",
         *sbatch_directives(job),
         "",
         "set -eo pipefail",

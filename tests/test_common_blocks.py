@@ -1,6 +1,6 @@
 import torch
 
-from models.common import AttnBlock, timestep_embedding
+from wurst.models.common import AttnBlock, timestep_embedding
 
 
 def test_timestep_embedding_is_sin_then_cos_of_scaled_time():

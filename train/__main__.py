@@ -1,4 +1,4 @@
-"""``wurst-train`` / ``python -m train``: one stage, one paper phase, or the whole A→B→C pipeline."""
+"""``wurst-train`` / ``python -m wurst.train``: one stage, one paper phase, or the whole A→B→C pipeline."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from train.config import CONFIG_DIR, register_resolvers
+from wurst.train.config import CONFIG_DIR, register_resolvers
 
 log = logging.getLogger("wurst")
 
@@ -18,13 +18,13 @@ log = logging.getLogger("wurst")
 def run(cfg: DictConfig) -> float | None:
     register_resolvers()
     if cfg.get("stage") is not None:
-        from train.run_stage import train_stage
+        from wurst.train.run_stage import train_stage
 
         metrics = train_stage(cfg)
         write_member_metrics(metrics)
         return metrics.get("train/loss")
-    from train.pipeline import run_pipeline
-    from train.pipeline_report import report_pipeline
+    from wurst.train.pipeline import run_pipeline
+    from wurst.train.pipeline_report import report_pipeline
 
     result = run_pipeline(cfg)
     report_pipeline(cfg, result)

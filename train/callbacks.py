@@ -9,7 +9,7 @@ import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from train.previews import PreviewGrid
+from wurst.train.previews import PreviewGrid
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:

@@ -9,9 +9,9 @@ from typing import Any
 from omegaconf import OmegaConf
 from torch import nn
 
-from models.cascade import CascadeSampler
-from train.config import CONFIG_DIR
-from train.export import build_from_config, load_network, require_export
+from wurst.models.cascade import CascadeSampler
+from wurst.train.config import CONFIG_DIR
+from wurst.train.export import build_from_config, load_network, require_export
 
 
 def load_text_encoder(export_dir: Path) -> nn.Module:

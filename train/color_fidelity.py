@@ -1,7 +1,7 @@
 """Has the tiny cascade learned? For prompts naming a background color, measure the color the
 generated images actually show behind the shape and score it against the named one.
 
-    python -m train.color_fidelity outputs/tiny [--per-color 4]
+    python -m wurst.train.color_fidelity outputs/tiny [--per-color 4]
 
 Background color of an image = the per-channel median over its outer border ring (the synthetic
 shapes sit mostly inside); it is classified to the nearest color of the synthetic palette
@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from data.synthetic import COLORS, SHAPES
-from train.cascade_loading import load_cascade
+from wurst.data.synthetic import COLORS, SHAPES
+from wurst.train.cascade_loading import load_cascade
 
 
 def border_color(image: torch.Tensor, ring: float = 0.1) -> torch.Tensor:
@@ -79,7 +79,7 @@ def color_fidelity(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m train.color_fidelity", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m wurst.train.color_fidelity", description=__doc__.split("\n\n")[0])
     parser.add_argument("pipeline_dir")
     parser.add_argument("--per-color", type=int, default=4)
     parser.add_argument("--size", type=int, default=128)

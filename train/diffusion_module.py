@@ -16,9 +16,9 @@ import lightning as L
 import torch
 from torch import nn
 
-from models.diffusion import add_noise, diffusion_loss, sample_training_t
-from train.ema import EMA
-from train.recipe import build_optimizer, linear_warmup
+from wurst.models.diffusion import add_noise, diffusion_loss, sample_training_t
+from wurst.train.ema import EMA
+from wurst.train.recipe import build_optimizer, linear_warmup
 
 
 def seed_step(seed: int, step: int, rank: int, micro_batch: int = 0) -> None:
@@ -33,7 +33,7 @@ def seed_step(seed: int, step: int, rank: int, micro_batch: int = 0) -> None:
 
 
 def non_finite_message(module: L.LightningModule, count: int) -> str:
-    from train.checkpointing import find_resume_checkpoint
+    from wurst.train.checkpointing import find_resume_checkpoint
 
     run_dir = getattr(module.trainer, "default_root_dir", None)
     last = find_resume_checkpoint(f"{run_dir}/checkpoints") if run_dir else None

@@ -8,7 +8,6 @@ half-written file under a final name; ``provenance.json`` goes last and marks th
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -20,14 +19,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-# config.json is data: only these classes may be built from it (never an arbitrary import path).
-ALLOWED_TARGETS = {
-    "models.stage_a.StageA",
-    "models.stage_b.StageB",
-    "models.stage_c.StageC",
-    "models.semantic_compressor.SemanticCompressor",
-    "models.text_encoder.TextEncoder",
-}
+from wurst.models.hub.pipeline_dir import NETWORK_CLASSES, canonical_target
+
+# config.json is data: only the classes pipeline_dir names may be built from it (never an arbitrary import path).
+ALLOWED_TARGETS = frozenset(NETWORK_CLASSES)
 
 STAGE_COMMANDS = {
     "a": "wurst-train stage=a experiment=tiny",
@@ -102,13 +97,12 @@ def read_config(export_dir: str | Path, name: str = "model") -> dict[str, Any]:
 def build_from_config(config: Mapping[str, Any], device: str | torch.device | None = None) -> nn.Module:
     """Instantiates an allowed network class from an exported config (no arbitrary imports)."""
     config = dict(config)
-    target = config.pop("_target_", None)
+    target = canonical_target(config.pop("_target_", None))
     if target not in ALLOWED_TARGETS:
         raise ValueError(
             f"refusing to build {target!r} from an exported config: only {sorted(ALLOWED_TARGETS)} are allowed"
         )
-    module_name, cls_name = target.rsplit(".", 1)
-    cls = getattr(importlib.import_module(module_name), cls_name)
+    cls = NETWORK_CLASSES[target]
     if device is not None:
         with torch.device(device):
             return cls(**config)

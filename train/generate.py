@@ -16,7 +16,7 @@ import torch
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
-from train.cascade_loading import load_cascade
+from wurst.train.cascade_loading import load_cascade
 
 
 def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:

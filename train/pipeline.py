@@ -14,7 +14,7 @@ from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from train.run_stage import STAGES, train_stage
+from wurst.train.run_stage import STAGES, train_stage
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig
 from torchvision.utils import make_grid, save_image
 
-from train.cascade_loading import load_cascade
+from wurst.train.cascade_loading import load_cascade
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def report_pipeline(cfg: DictConfig, result: dict[str, Any]) -> dict[str, Any]:
     lines.append(f"  sample grid      {grid}")
     summary: dict[str, Any] = {"sample_grid": str(grid)}
     if report.get("color_check", False):
-        from train.color_fidelity import color_fidelity
+        from wurst.train.color_fidelity import color_fidelity
 
         check = color_fidelity(pipeline_dir, per_color=int(report.get("per_color", 2)), size=size, sampler=sampler)
         summary["color_check"] = check
@@ -49,7 +49,7 @@ def report_pipeline(cfg: DictConfig, result: dict[str, Any]) -> dict[str, Any]:
             f"  color check      background color right in {check['background_color_accuracy']:.0%} of "
             f"{check['images']} images (chance {check['chance']:.0%})"
         )
-    from train.accounting.pipeline import pipeline_table, read_pipeline
+    from wurst.train.accounting.pipeline import pipeline_table, read_pipeline
 
     (pipeline_dir / "ledger.md").write_text(pipeline_table(pipeline_dir) + "\n")
     lines.append(f"  carbon ledger    {pipeline_dir / 'ledger.md'}")

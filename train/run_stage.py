@@ -17,10 +17,10 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from data.datamodule import per_device_batch_size
-from train.checkpointing import AtomicCheckpointIO, PeriodicCheckpoint, find_resume_checkpoint
-from train.diffusion_module import network_config
-from train.export import (
+from wurst.data.datamodule import per_device_batch_size
+from wurst.train.checkpointing import AtomicCheckpointIO, PeriodicCheckpoint, find_resume_checkpoint
+from wurst.train.diffusion_module import network_config
+from wurst.train.export import (
     git_revision,
     require_export,
     write_network,
@@ -95,7 +95,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list
         # Stage A optimises manually (generator + discriminator): Lightning must not clip for it.
         trainer_cfg.pop("gradient_clip_val", None)
         trainer_cfg.pop("gradient_clip_algorithm", None)
-    from slurm.preemption import CheckpointOnTerminate, slurm_plugins
+    from wurst.slurm.preemption import CheckpointOnTerminate, slurm_plugins
 
     # Under SLURM: checkpoint + requeue on the --signal warning, checkpoint on SIGTERM (scontrol
     # requeue, preemption); resume=auto then finds the hpc_ckpt_*.ckpt in run_dir (slurm/preemption.py).
@@ -174,7 +174,7 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
 
 
 def data_provenance(datamodule: L.LightningDataModule) -> dict[str, Any]:
-    from data.shard_spec import expand_shards, shard_list_digest
+    from wurst.data.shard_spec import expand_shards, shard_list_digest
 
     out: dict[str, Any] = {}
     try:
@@ -232,7 +232,7 @@ def train_stage(cfg: DictConfig) -> dict[str, Any]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    from train.callbacks import build_callbacks
+    from wurst.train.callbacks import build_callbacks
 
     callbacks = build_callbacks(cfg, run_dir)
     callbacks.append(PeriodicCheckpoint(run_dir / "checkpoints", int(cfg.checkpoint_every), int(cfg.keep_checkpoints)))

@@ -15,10 +15,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from models.patch_discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
-from train.diffusion_module import instantiate_network, seed_step
-from train.ema import EMA
-from train.recipe import build_optimizer, linear_warmup
+from wurst.models.patch_discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
+from wurst.train.diffusion_module import instantiate_network, seed_step
+from wurst.train.ema import EMA
+from wurst.train.recipe import build_optimizer, linear_warmup
 
 
 class StageAModule(L.LightningModule):
@@ -50,7 +50,7 @@ class StageAModule(L.LightningModule):
         self.optim_cfg = dict(optim)
         self.perceptual = None
         if perceptual_weight > 0:
-            from models.perceptual import PerceptualLoss
+            from wurst.models.perceptual import PerceptualLoss
 
             self.perceptual = PerceptualLoss(perceptual_weights)
         self.ema = (

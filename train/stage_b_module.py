@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from models.diffusion import add_noise
-from models.samplers import linear_t_grid, sample
-from train.diffusion_module import DiffusionStageModule, instantiate_network, network_config
-from train.export import load_network, require_export
+from wurst.models.diffusion import add_noise
+from wurst.models.samplers import linear_t_grid, sample
+from wurst.train.diffusion_module import DiffusionStageModule, instantiate_network, network_config
+from wurst.train.export import load_network, require_export
 
 
 class StageBModule(DiffusionStageModule):

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from train.diffusion_module import DiffusionStageModule, instantiate_network
-from train.export import load_network, require_export
+from wurst.train.diffusion_module import DiffusionStageModule, instantiate_network
+from wurst.train.export import load_network, require_export
 
 
 class StageCModule(DiffusionStageModule):
@@ -125,7 +125,7 @@ class StageCModule(DiffusionStageModule):
         pipeline_dir = Path(self.compressor_export).parent.parent
         if not (pipeline_dir / "stage_a" / "export" / "model.safetensors").is_file():
             return None
-        from train.cascade_loading import load_cascade
+        from wurst.train.cascade_loading import load_cascade
 
         cascade = load_cascade(pipeline_dir, sampler="tiny", stage_c=self.export_network(),
                                text_encoder_c=self.text_encoder, progress=False,

@@ -86,7 +86,7 @@ def parse(argv: Sequence[str]) -> tuple[str, str, dict[str, Any]]:
 def run(command: str, positional: str, options: dict[str, Any]) -> Any:
     from huggingface_hub.errors import HfHubHTTPError
 
-    from models.hub.push import check_repo_id, push_folder, resolve_token
+    from wurst.models.hub.push import check_repo_id, push_folder, resolve_token
 
     if command == "push":
         check_repo_id(options.get("repo_id"))
@@ -102,7 +102,7 @@ def run(command: str, positional: str, options: dict[str, Any]) -> Any:
         except HfHubHTTPError as error:
             raise RuntimeError(f"upload to {options['repo_id']} failed: {error}") from error
     if command == "import":
-        from models.hub.diffusers_import import import_diffusers
+        from wurst.models.hub.diffusers_import import import_diffusers
 
         return import_diffusers(
             positional,
@@ -113,7 +113,7 @@ def run(command: str, positional: str, options: dict[str, Any]) -> Any:
             dtype=options.get("dtype", "float32"),
         )
 
-    from models.hub.diffusers_export import export_pipeline
+    from wurst.models.hub.diffusers_export import export_pipeline
 
     push = options.get("push", False)
     token = None
@@ -158,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(f"wurst-export: {error}", file=sys.stderr)
         return 2
-    from models.hub.push import MissingTokenError
+    from wurst.models.hub.push import MissingTokenError
 
     try:
         result = run(command, positional, options)

@@ -36,7 +36,7 @@ from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from models.text_encoder import TextEncoder
+from wurst.models.text_encoder import TextEncoder
 
 # CLIP's BPE special tokens (open_clip's SimpleTokenizer and transformers' CLIPTokenizer agree on ids).
 BOS_TOKEN_ID = 49406

@@ -28,10 +28,14 @@ import transformers
 from diffusers import DDPMWuerstchenScheduler
 from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
 
-from models.diffusers_compat import check_state_dict_compatible
-from models.hub.clip_text_model import TEXT_PROJECTION_FILE, clip_text_config, to_transformers_state_dict
-from models.hub.clip_tokenizer import write_clip_tokenizer
-from models.hub.layout import (
+from wurst.models.diffusers_compat import check_state_dict_compatible
+from wurst.models.hub.clip_text_model import (
+    TEXT_PROJECTION_FILE,
+    clip_text_config,
+    to_transformers_state_dict,
+)
+from wurst.models.hub.clip_tokenizer import write_clip_tokenizer
+from wurst.models.hub.layout import (
     COMBINED_FOLDERS,
     COMBINED_PIPELINE,
     COMPRESSOR_FOLDER,
@@ -41,8 +45,8 @@ from models.hub.layout import (
     TRANSFORMERS_WEIGHTS,
     combined_components,
 )
-from models.hub.model_card import model_card, stage_facts
-from models.hub.pipeline_dir import (
+from wurst.models.hub.model_card import model_card, stage_facts
+from wurst.models.hub.pipeline_dir import (
     check_pipeline_dir,
     config_file,
     count_parameters,

@@ -30,21 +30,21 @@ from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenD
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from models.diffusers_compat import from_diffusers
-from models.hub.clip_text_model import (
+from wurst.models.diffusers_compat import from_diffusers
+from wurst.models.hub.clip_text_model import (
     PAD_TOKEN_ID,
     TEXT_PROJECTION_FILE,
     from_transformers_state_dict,
     text_encoder_kwargs,
 )
-from models.hub.diffusers_export import (
+from wurst.models.hub.diffusers_export import (
     HAND_OFF_FILE,
     PIPELINE_HAND_OFF,
     check_out_dir,
     move_into_place,
     partial_dir,
 )
-from models.hub.layout import (
+from wurst.models.hub.layout import (
     COMBINED_FOLDERS,
     COMBINED_PIPELINE,
     COMPRESSOR_FOLDER,
@@ -57,7 +57,7 @@ from models.hub.layout import (
     SUMMARY_FILE,
     TRANSFORMERS_WEIGHTS,
 )
-from models.hub.pipeline_dir import (
+from wurst.models.hub.pipeline_dir import (
     COMPRESSOR_TARGET,
     STAGE_TARGETS,
     TEXT_ENCODER_TARGET,
@@ -65,10 +65,10 @@ from models.hub.pipeline_dir import (
     write_json,
     write_network,
 )
-from models.stage_a import StageA
-from models.stage_b import StageB
-from models.stage_c import StageC
-from models.text_encoder import TextEncoder
+from wurst.models.stage_a import StageA
+from wurst.models.stage_b import StageB
+from wurst.models.stage_c import StageC
+from wurst.models.text_encoder import TextEncoder
 
 log = logging.getLogger(__name__)
 

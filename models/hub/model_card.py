@@ -18,7 +18,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCardData
 
-from models.hub.layout import COMPRESSOR_FOLDER
+from wurst.models.hub.layout import COMPRESSOR_FOLDER
 
 STAGE_TITLES = {
     "a": "Stage A (f4 VQGAN)",

@@ -21,24 +21,35 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.semantic_compressor import SemanticCompressor
-from models.stage_a import StageA
-from models.stage_b import StageB
-from models.stage_c import StageC
-from models.text_encoder import TextEncoder
+from wurst.models.semantic_compressor import SemanticCompressor
+from wurst.models.stage_a import StageA
+from wurst.models.stage_b import StageB
+from wurst.models.stage_c import StageC
+from wurst.models.text_encoder import TextEncoder
 
 STAGES = ("a", "b", "c")
 # config.json is data: only these classes are ever built from it (never an arbitrary import path).
 NETWORK_CLASSES: dict[str, type[nn.Module]] = {
-    "models.stage_a.StageA": StageA,
-    "models.stage_b.StageB": StageB,
-    "models.stage_c.StageC": StageC,
-    "models.semantic_compressor.SemanticCompressor": SemanticCompressor,
-    "models.text_encoder.TextEncoder": TextEncoder,
+    "wurst.models.stage_a.StageA": StageA,
+    "wurst.models.stage_b.StageB": StageB,
+    "wurst.models.stage_c.StageC": StageC,
+    "wurst.models.semantic_compressor.SemanticCompressor": SemanticCompressor,
+    "wurst.models.text_encoder.TextEncoder": TextEncoder,
 }
-STAGE_TARGETS = {"a": "models.stage_a.StageA", "b": "models.stage_b.StageB", "c": "models.stage_c.StageC"}
-TEXT_ENCODER_TARGET = "models.text_encoder.TextEncoder"
-COMPRESSOR_TARGET = "models.semantic_compressor.SemanticCompressor"
+STAGE_TARGETS = {
+    "a": "wurst.models.stage_a.StageA", "b": "wurst.models.stage_b.StageB", "c": "wurst.models.stage_c.StageC"
+}
+TEXT_ENCODER_TARGET = "wurst.models.text_encoder.TextEncoder"
+COMPRESSOR_TARGET = "wurst.models.semantic_compressor.SemanticCompressor"
+# Exports written before the packages moved under ``wurst.`` name their classes ``models.<module>.<Class>``.
+_LEGACY_PREFIX = "models."
+
+
+def canonical_target(target: Any) -> Any:
+    """``_target_`` of a config as this version names it (old exports say ``models.stage_b.StageB``)."""
+    if isinstance(target, str) and target.startswith(_LEGACY_PREFIX) and f"wurst.{target}" in NETWORK_CLASSES:
+        return f"wurst.{target}"
+    return target
 
 
 class MissingStageError(FileNotFoundError):
@@ -94,7 +105,7 @@ def check_pipeline_dir(pipeline_dir: str | Path, stages: tuple[str, ...] = STAGE
                     f"experiment=tiny`, or the pipeline: `wurst-train pipeline=tiny`)"
                 )
         config = read_json(config_file(export_dir, "model"))
-        if config.get("_target_") != STAGE_TARGETS[stage]:
+        if canonical_target(config.get("_target_")) != STAGE_TARGETS[stage]:
             raise ValueError(
                 f"{config_file(export_dir, 'model')} has _target_={config.get('_target_')!r}, but stage_{stage}/ must "
                 f"hold a {STAGE_TARGETS[stage]}; is the pipeline directory laid out as wurst-train writes it?"
@@ -138,7 +149,7 @@ def count_parameters(weights: str | Path) -> int:
 
 
 def network_class(config: Mapping[str, Any], source: str) -> type[nn.Module]:
-    target = config.get("_target_")
+    target = canonical_target(config.get("_target_"))
     if target not in NETWORK_CLASSES:
         raise ValueError(
             f"{source}: refusing to build _target_={target!r}; only {sorted(NETWORK_CLASSES)} are built from exports"
@@ -189,7 +200,7 @@ def read_text_encoder(export_dir: str | Path) -> TextEncoder:
     (open_clip then downloads a tag, or reads a local checkpoint)."""
     export_dir = Path(export_dir)
     config = read_config(export_dir, "text_encoder")
-    if config.get("_target_") != TEXT_ENCODER_TARGET:
+    if canonical_target(config.get("_target_")) != TEXT_ENCODER_TARGET:
         raise ValueError(f"{config_file(export_dir, 'text_encoder')}: _target_ must be {TEXT_ENCODER_TARGET}")
     weights = weights_file(export_dir, "text_encoder")
     state = load_file(str(weights)) if weights.is_file() else None
@@ -235,7 +246,7 @@ def write_network(
     export_dir: str | Path, name: str, state: Mapping[str, torch.Tensor], config: Mapping[str, Any]
 ) -> Path:
     """``<name>.safetensors`` + its config (``config.json`` for ``model``), as ``train/export.py`` lays them out."""
-    if config.get("_target_") not in NETWORK_CLASSES:
+    if canonical_target(config.get("_target_")) not in NETWORK_CLASSES:
         raise ValueError(f"config for export {name!r} needs a '_target_' among {sorted(NETWORK_CLASSES)}")
     export_dir = Path(export_dir)
     weights = weights_file(export_dir, name)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from train.accounting.ledger import Ledger
+from wurst.train.accounting.ledger import Ledger
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_FIT = Path(__file__).with_name("tiny_fit.py")

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from train.accounting.callback import CarbonLedger, batch_size_of
+from wurst.train.accounting.callback import CarbonLedger, batch_size_of
 
 
 @pytest.mark.parametrize(

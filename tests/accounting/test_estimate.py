@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from train.accounting.carbon import co2_kg, energy_kwh, resolve_carbon_intensity, round_half_even
-from train.accounting.cli import main
+from wurst.train.accounting.carbon import co2_kg, energy_kwh, resolve_carbon_intensity, round_half_even
+from wurst.train.accounting.cli import main
 
 
 def test_estimate_prints_the_papers_stage_c_co2(capsys):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from train.accounting.ledger import Ledger
+from wurst.train.accounting.ledger import Ledger
 
 
 def _ledger(**overrides) -> Ledger:

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from train.accounting.cli import main
-from train.accounting.ledger import Ledger
-from train.accounting.pipeline import count_params, pipeline_table, read_pipeline, table2
+from wurst.train.accounting.cli import main
+from wurst.train.accounting.ledger import Ledger
+from wurst.train.accounting.pipeline import count_params, pipeline_table, read_pipeline, table2
 
 STAGE_A = Ledger(device_hours=1.5, wall_hours=0.75, energy_kwh=0.375, co2_kg=0.13875, samples=10_000, steps=100,
                  pue=1.0, carbon_intensity_kg_per_kwh=0.37, device_name="A100-PCIE-40GB", power_source="table",

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from train.accounting.power import (
+from wurst.train.accounting.power import (
     BoardPowerMeter,
     board_power_watts,
     canonical_device_name,

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from train.accounting.cli import main
-from train.accounting.ledger import Ledger
-from train.accounting.projection import DEFAULT_RECIPE, project, read_recipe, render
+from wurst.train.accounting.cli import main
+from wurst.train.accounting.ledger import Ledger
+from wurst.train.accounting.projection import DEFAULT_RECIPE, project, read_recipe, render
 
 # Measured: 90,000 samples in 0.5 device-hours (50 samples per device-second) at 0.4 kW per device.
 RUN = Ledger(device_hours=0.5, wall_hours=0.25, energy_kwh=0.2, co2_kg=0.074, samples=90_000, steps=180, pue=1.0,

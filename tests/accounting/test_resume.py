@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from train.accounting.cli import main
-from train.accounting.ledger import read_checkpoint_ledger
+from wurst.train.accounting.cli import main
+from wurst.train.accounting.ledger import read_checkpoint_ledger
 
 pytestmark = pytest.mark.slow
 

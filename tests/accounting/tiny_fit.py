@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from train.accounting.callback import CarbonLedger
+from wurst.train.accounting.callback import CarbonLedger
 
 BATCH_SIZE = 4
 

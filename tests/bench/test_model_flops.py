@@ -11,7 +11,7 @@ from benchmarks.model_flops import (
     model_flops_utilisation,
     peak_flops_per_s,
 )
-from models.stage_c import StageC
+from wurst.models.stage_c import StageC
 
 TINY_C = {"c_in": 16, "c": 64, "c_cond": 64, "c_r": 64, "depth": 2, "nhead": 2, "dropout": 0.1}
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from data.laion_filter import LAIONFilter
-from data.synthetic import write_synthetic_shards
+from wurst.data.laion_filter import LAIONFilter
+from wurst.data.synthetic import write_synthetic_shards
 
 READER_SCRIPT = Path(__file__).with_name("reader_process.py")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"

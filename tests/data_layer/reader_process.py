@@ -19,10 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch.distributed as dist
 
-from data.laion_filter import LAIONFilter
-from data.resume import StreamPosition
-from data.shard_stream import ImageShardStream
-from data.stream_loader import StreamLoader
+from wurst.data.laion_filter import LAIONFilter
+from wurst.data.resume import StreamPosition
+from wurst.data.shard_stream import ImageShardStream
+from wurst.data.stream_loader import StreamLoader
 
 
 def read(shards: str, mode: str, batches: int | None = None, workers: int = 2, state: dict | None = None) -> dict:

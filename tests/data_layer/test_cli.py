@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from data import cli
-from data.synthetic import read_manifest
+from wurst.data import cli
+from wurst.data.synthetic import read_manifest
 
 
 def test_synth_writes_shards_and_a_manifest(tmp_path, capsys):

@@ -10,8 +10,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
-from data.datamodule import WurstDataModule, per_device_batch_size
-from data.laion_filter import LAIONFilter
+from wurst.data.datamodule import WurstDataModule, per_device_batch_size
+from wurst.data.laion_filter import LAIONFilter
 
 from .conftest import CONF_DIR
 

@@ -7,7 +7,7 @@ import math
 import pytest
 from omegaconf import OmegaConf
 
-from data.laion_filter import LAIONFilter
+from wurst.data.laion_filter import LAIONFilter
 
 from .conftest import CONF_DIR
 

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from data.laion_filter import LAIONFilter
-from data.resume import StreamPosition
-from data.shard_stream import ImageShardStream
-from data.stream_loader import StreamLoader
+from wurst.data.laion_filter import LAIONFilter
+from wurst.data.resume import StreamPosition
+from wurst.data.shard_stream import ImageShardStream
+from wurst.data.stream_loader import StreamLoader
 
 from .conftest import READER_SCRIPT
 from .reader_process import read
@@ -64,7 +64,7 @@ def test_resampled_mode_resumed_in_a_new_process_continues_the_same_stream(clean
 
 
 def aspect_stream(folder, **args):
-    from data.transforms import AspectBuckets
+    from wurst.data.transforms import AspectBuckets
 
     return ImageShardStream(str(folder), 3, mode="finite", shuffle=True, shuffle_buffer=16, seed=2, resolution=128,
                             buckets=AspectBuckets(128, None, [1.0, 2.0, 0.5]), laion_filter=LAIONFilter(), **args)
@@ -72,7 +72,7 @@ def aspect_stream(folder, **args):
 
 def test_resume_keeps_samples_waiting_in_aspect_buckets(tmp_path):
     """Samples pulled into a half-full bucket but never delivered come back after a resume."""
-    from data.synthetic import write_synthetic_shards
+    from wurst.data.synthetic import write_synthetic_shards
 
     write_synthetic_shards(tmp_path, num_samples=48, num_shards=2, resolution=16, aspect_ratios=(1.0, 2.0, 0.5))
     whole = [b["keys"] for b in StreamLoader(aspect_stream(tmp_path))]

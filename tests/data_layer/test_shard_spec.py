@@ -8,7 +8,7 @@ import shutil
 import fsspec
 import pytest
 
-from data.shard_spec import expand_shards, open_shard
+from wurst.data.shard_spec import expand_shards, open_shard
 
 
 def test_brace_pattern_expands_in_order(clean_shards):

@@ -6,10 +6,10 @@ import itertools
 
 import pytest
 
-from data.data_stats import DataStats
-from data.laion_filter import LAIONFilter
-from data.shard_stream import ImageShardStream
-from data.stream_loader import StreamLoader
+from wurst.data.data_stats import DataStats
+from wurst.data.laion_filter import LAIONFilter
+from wurst.data.shard_stream import ImageShardStream
+from wurst.data.stream_loader import StreamLoader
 
 
 def read_finite(shards, num_workers=0, **overrides):
@@ -113,7 +113,7 @@ def test_bad_stream_settings_are_errors_naming_the_setting(clean_shards):
 
 @pytest.mark.parametrize("batch_size", [1, 2, 3, 6])
 def test_skips_after_the_last_full_batch_are_still_reported(tmp_path, batch_size):
-    from data.synthetic import write_synthetic_shards
+    from wurst.data.synthetic import write_synthetic_shards
 
     # seed 2: the shard ends with two samples the filter rejects, after the last passing one
     manifest = write_synthetic_shards(tmp_path, num_samples=12, num_shards=1, resolution=16,

@@ -9,7 +9,7 @@ import tarfile
 
 from PIL import Image
 
-from data.synthetic import COLORS, SHAPES, write_synthetic_shards
+from wurst.data.synthetic import COLORS, SHAPES, write_synthetic_shards
 
 
 def members(path):

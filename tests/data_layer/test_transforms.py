@@ -8,12 +8,12 @@ import random
 import pytest
 from PIL import Image
 
-from data.captions import clean_caption
-from data.laion_filter import LAIONFilter
-from data.shard_stream import ImageShardStream
-from data.stream_loader import StreamLoader
-from data.synthetic import write_synthetic_shards
-from data.transforms import AspectBuckets, StageTransform, decode_rgb, open_image, resize_crop
+from wurst.data.captions import clean_caption
+from wurst.data.laion_filter import LAIONFilter
+from wurst.data.shard_stream import ImageShardStream
+from wurst.data.stream_loader import StreamLoader
+from wurst.data.synthetic import write_synthetic_shards
+from wurst.data.transforms import AspectBuckets, StageTransform, decode_rgb, open_image, resize_crop
 
 
 def jpeg(width, height, color=(200, 30, 30)) -> bytes:

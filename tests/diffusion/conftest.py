@@ -15,7 +15,7 @@ from diffusers import DDPMWuerstchenScheduler, WuerstchenDecoderPipeline, Wuerst
 from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from models.cascade import CascadeSampler
+from wurst.models.cascade import CascadeSampler
 
 TEXT_WIDTH = 64  # conf/model/text_encoder/tiny.yaml: width 64 for both stages
 IMAGE_SIDE = 128  # tiny cascade: Stage C latent 16×3×3, Stage B latent 4×32×32

@@ -10,7 +10,7 @@ from diffusers.pipelines.deprecated.wuerstchen.pipeline_wuerstchen_prior import 
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from models.cascade import CascadeSampler
+from wurst.models.cascade import CascadeSampler
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 IMAGE_SIDE = 128  # the tiny cascade's image side: Stage C latent 16×3×3, Stage B latent 4×32×32

@@ -6,7 +6,13 @@ import pytest
 import torch
 from diffusers import DDPMWuerstchenScheduler
 
-from models.diffusion import add_noise, cosine_alpha_cumprod, diffusion_loss, p2_weight, sample_training_t
+from wurst.models.diffusion import (
+    add_noise,
+    cosine_alpha_cumprod,
+    diffusion_loss,
+    p2_weight,
+    sample_training_t,
+)
 
 
 def hand_alpha_cumprod(t: float, s: float = 0.008) -> float:

@@ -7,8 +7,8 @@ import torch
 from diffusers import DDPMWuerstchenScheduler
 from diffusers.pipelines.deprecated.wuerstchen.pipeline_wuerstchen_prior import DEFAULT_STAGE_C_TIMESTEPS
 
-from models.diffusion import add_noise, cosine_alpha_cumprod
-from models.samplers import (
+from wurst.models.diffusion import add_noise, cosine_alpha_cumprod
+from wurst.models.samplers import (
     cfg_eps,
     ddim_step,
     ddpm_step,

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
 
-from models.hub.clip_tokenizer import write_clip_tokenizer
+from wurst.models.hub.clip_tokenizer import write_clip_tokenizer
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -240,8 +240,8 @@ def build_tiny_networks() -> dict[str, nn.Module]:
 @pytest.fixture(scope="session")
 def tiny_cascade():
     """models.cascade.CascadeSampler over the tiny networks with conf/sampler/tiny.yaml settings."""
-    from models.cascade import CascadeSampler
-    from train.cascade_loading import sampler_config
+    from wurst.models.cascade import CascadeSampler
+    from wurst.train.cascade_loading import sampler_config
 
     networks = build_tiny_networks()
     return CascadeSampler(**networks, **sampler_config("tiny"))

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eval.clip_score import ClipScore
-from eval.pickscore import PickScore, preference
+from wurst.eval.clip_score import ClipScore
+from wurst.eval.pickscore import PickScore, preference
 
 
 def rolled(captions: list[str]) -> list[str]:

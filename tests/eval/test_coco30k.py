@@ -7,8 +7,8 @@ import json
 import pytest
 from PIL import Image
 
-from eval.coco30k import SUBCOMMAND, build_coco30k, main, read_coco_captions, select_coco_prompts
-from eval.prompt_set import read_prompt_file
+from wurst.eval.coco30k import SUBCOMMAND, build_coco30k, main, read_coco_captions, select_coco_prompts
+from wurst.eval.prompt_set import read_prompt_file
 
 
 def build(fake_coco, out, **kwargs):
@@ -132,8 +132,8 @@ def test_command_line_builds_the_set(fake_coco, tmp_path, capsys):
 
 
 def test_is_a_wurst_data_subcommand(fake_coco, tmp_path, monkeypatch):
-    from data.cli import SUBCOMMANDS
-    from data.cli import main as wurst_data
+    from wurst.data.cli import SUBCOMMANDS
+    from wurst.data.cli import main as wurst_data
 
     # As the entry point "wurst.data_subcommands: coco30k = eval.coco30k:SUBCOMMAND" registers it;
     # monkeypatch takes it out again so other areas' tests see wurst-data's own registry.

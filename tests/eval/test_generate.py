@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from eval.generate import generate_images, rank_and_world_size, shard
-from eval.prompt_set import records_from_captions
+from wurst.eval.generate import generate_images, rank_and_world_size, shard
+from wurst.eval.prompt_set import records_from_captions
 
 CAPTIONS = [
     "a red circle on a blue background",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eval.inception import build_fid, build_inception_score, resolve_inception_weights
+from wurst.eval.inception import build_fid, build_inception_score, resolve_inception_weights
 
 # Feature 64 (the first pool of the real network) keeps CPU time small; the 2048 path is the same
 # class and code with more layers.

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from eval.prompt_set import PromptRecord, read_prompt_file, write_prompt_file
+from wurst.eval.prompt_set import PromptRecord, read_prompt_file, write_prompt_file
 
 
 def write_lines(path, rows):

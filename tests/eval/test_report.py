@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from eval.report import results_table, write_metrics_json, write_sample_grid
+from wurst.eval.report import results_table, write_metrics_json, write_sample_grid
 
 from .conftest import CONF, colour_image
 

@@ -11,8 +11,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from eval.evaluate import evaluate
-from eval.prompt_set import PromptRecord, read_prompt_file, write_prompt_file
+from wurst.eval.evaluate import evaluate
+from wurst.eval.prompt_set import PromptRecord, read_prompt_file, write_prompt_file
 
 from .conftest import COLOURS, CONF, build_tiny_networks, caption_of, colour_image
 
@@ -109,7 +109,7 @@ def test_missing_images_are_counted_and_named(colour_set, metric_overrides):
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
     """A pipeline directory with random-init tiny Stage A/B/C exports (train.export's layout)."""
-    from train.export import write_network, write_provenance
+    from wurst.train.export import write_network, write_provenance
 
     root = tmp_path_factory.mktemp("pipeline")
     networks = build_tiny_networks()
@@ -154,7 +154,7 @@ def test_wurst_eval_command_line_scores_a_folder(colour_set, metric_overrides):
     overrides = metric_overrides + [f"{k}={v}" for k, v in colour_set.items()]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "eval", *overrides],
+        [sys.executable, "-m", "wurst.eval", *overrides],
         check=False,
         cwd=REPO,
         env=env,
@@ -207,7 +207,7 @@ def test_torchrun_shards_generation_across_two_ranks(tiny_pipeline_dir, metric_o
 
 
 def test_decoded_batches_keep_the_order_of_the_paths(tmp_path):
-    from eval.evaluate import decoded_batches
+    from wurst.eval.evaluate import decoded_batches
 
     paths = []
     for i in range(11):

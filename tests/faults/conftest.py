@@ -12,9 +12,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from train.checkpointing import is_valid_checkpoint
-from train.config import CONFIG_DIR
-from train.export import write_network, write_provenance
+from wurst.train.checkpointing import is_valid_checkpoint
+from wurst.train.config import CONFIG_DIR
+from wurst.train.export import write_network, write_provenance
 
 from .warm_launcher import WarmLauncher
 

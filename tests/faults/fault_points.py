@@ -62,14 +62,13 @@ def install(faults: dict[str, Any]) -> None:
         _hook_data(points)
         _hook_saves(points)
     if faults.get("disk_full"):
-        import train.checkpointing
-
+        import wurst.train.checkpointing
         # train.checkpointing opens its temporary files with the builtin: give that module the full disk.
-        train.checkpointing.open = full_disk_open(int(faults["disk_full"]["free_bytes"]))
+        wurst.train.checkpointing.open = full_disk_open(int(faults["disk_full"]["free_bytes"]))
 
 
 def _hook_steps(points: FaultPoints) -> None:
-    from train.diffusion_module import DiffusionStageModule
+    from wurst.train.diffusion_module import DiffusionStageModule
 
     original_step = DiffusionStageModule.optimizer_step
     original_start = DiffusionStageModule.on_train_start
@@ -96,8 +95,8 @@ def _hook_steps(points: FaultPoints) -> None:
 
 
 def _hook_data(points: FaultPoints) -> None:
-    import data.synthetic
-    from data.transforms import StageTransform
+    import wurst.data.synthetic
+    from wurst.data.transforms import StageTransform
 
     original_call = StageTransform.__call__
 
@@ -108,7 +107,7 @@ def _hook_data(points: FaultPoints) -> None:
 
     StageTransform.__call__ = call
 
-    original_image = data.synthetic.synthetic_image
+    original_image = wurst.data.synthetic.synthetic_image
     drawn = [0]
 
     def synthetic_image(rng, width, height, noise=0.0):
@@ -117,7 +116,7 @@ def _hook_data(points: FaultPoints) -> None:
             points.stop_here("prepare", None, image=drawn[0])
         return original_image(rng, width, height, noise)
 
-    data.synthetic.synthetic_image = synthetic_image
+    wurst.data.synthetic.synthetic_image = synthetic_image
 
 
 def _hook_saves(points: FaultPoints) -> None:

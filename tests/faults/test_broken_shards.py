@@ -16,14 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
-import data.synthetic
-from data.data_stats import SKIP_KINDS, DataStats
-from data.datamodule import WurstDataModule
-from data.laion_filter import LAIONFilter
-from data.shard_stream import UNREADABLE_DRAWS_LIMIT, ImageShardStream
-from data.stream_loader import StreamLoader
-from data.synthetic import MANIFEST, write_synthetic_shards
-from train.export import read_provenance
+import wurst.data.synthetic
+from wurst.data.data_stats import SKIP_KINDS, DataStats
+from wurst.data.datamodule import WurstDataModule
+from wurst.data.laion_filter import LAIONFilter
+from wurst.data.shard_stream import UNREADABLE_DRAWS_LIMIT, ImageShardStream
+from wurst.data.stream_loader import StreamLoader
+from wurst.data.synthetic import MANIFEST, write_synthetic_shards
+from wurst.train.export import read_provenance
 
 from .conftest import stage_c_argv, stage_c_dir, write_hand_off_exports
 
@@ -174,7 +174,7 @@ def test_a_synthetic_shard_write_cut_short_leaves_no_partial_dataset(tmp_path, m
     module = WurstDataModule(str(folder), batch_size=4, num_workers=0,
                              synthesize={"num_samples": 32, "num_shards": 4, "resolution": 32})
     drawn = []
-    real = data.synthetic.synthetic_image
+    real = wurst.data.synthetic.synthetic_image
 
     def dies_in_the_third_shard(rng, width, height, noise=0.0):
         drawn.append(1)
@@ -182,12 +182,12 @@ def test_a_synthetic_shard_write_cut_short_leaves_no_partial_dataset(tmp_path, m
             raise KeyboardInterrupt("the run was killed while writing its synthetic shards")
         return real(rng, width, height, noise)
 
-    monkeypatch.setattr(data.synthetic, "synthetic_image", dies_in_the_third_shard)
+    monkeypatch.setattr(wurst.data.synthetic, "synthetic_image", dies_in_the_third_shard)
     with pytest.raises(KeyboardInterrupt):
         module.prepare_data()
     assert not list(folder.glob("*.tar")), "a partial shard set is in place; the next run would train on it alone"
 
-    monkeypatch.setattr(data.synthetic, "synthetic_image", real)
+    monkeypatch.setattr(wurst.data.synthetic, "synthetic_image", real)
     module.prepare_data()
     assert sorted(p.name for p in folder.glob("*.tar")) == [f"{i:05d}.tar" for i in range(4)]
     assert (folder / MANIFEST).is_file()

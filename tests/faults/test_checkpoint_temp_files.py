@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from train.checkpointing import AtomicCheckpointIO
+from wurst.train.checkpointing import AtomicCheckpointIO
 
 
 def test_the_next_save_removes_temporary_files_of_killed_writes(tmp_path):

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.checkpointing import AtomicCheckpointIO
-from train.export import read_provenance
+from wurst.train.checkpointing import AtomicCheckpointIO
+from wurst.train.export import read_provenance
 
 from .conftest import stage_c_argv, stage_c_dir, unreadable_checkpoints, write_hand_off_exports
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.checkpointing import AtomicCheckpointIO
+from wurst.train.checkpointing import AtomicCheckpointIO
 
 from .conftest import stage_c_argv, stage_c_dir, write_hand_off_exports
 from .fault_points import full_disk_open
@@ -74,9 +74,9 @@ def test_an_injected_enospc_stops_the_run_and_keeps_the_previous_checkpoint(tmp_
 
 
 def test_a_failed_write_raises_oserror_with_its_errno_not_torchs_zip_writer_error(tmp_path, monkeypatch):
-    import train.checkpointing
+    import wurst.train.checkpointing
 
-    monkeypatch.setattr(train.checkpointing, "open", full_disk_open(1000), raising=False)
+    monkeypatch.setattr(wurst.train.checkpointing, "open", full_disk_open(1000), raising=False)
     with pytest.raises(OSError) as raised:
         AtomicCheckpointIO().save_checkpoint({"w": torch.zeros(10_000)}, tmp_path / "step-000000001.ckpt")
     assert raised.value.errno == errno.ENOSPC

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from train.checkpointing import find_resume_checkpoint
+from wurst.train.checkpointing import find_resume_checkpoint
 
 from .conftest import (
     checkpoint_step,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.export import MissingExportError, load_network, require_export
+from wurst.train.export import MissingExportError, load_network, require_export
 
 from .conftest import stage_c_argv, stage_c_dir, tiny_network_config, write_hand_off_exports
 
@@ -70,7 +70,7 @@ def test_a_target_in_a_checkpoints_hyper_parameters_is_data_never_instantiated(f
     assert f"resuming from {path}" in output
     assert [m for m in markers if m.exists()] == []
     config = json.loads((stage_c_dir(finished_run) / "export" / "config.json").read_text())
-    assert config["_target_"] == "models.stage_c.StageC"  # the network came from the command line's config
+    assert config["_target_"] == "wurst.models.stage_c.StageC"  # the network came from the command line's config
 
 
 @pytest.mark.slow
@@ -88,7 +88,7 @@ def test_an_export_naming_a_class_off_the_allow_list_is_refused(tmp_path, launch
 def tiny_stage_c_export(folder: Path) -> Path:
     from hydra.utils import instantiate
 
-    from train.export import write_network, write_provenance
+    from wurst.train.export import write_network, write_provenance
 
     cfg = tiny_network_config("stage_c")
     write_network(folder, "model", instantiate(cfg), cfg)
@@ -113,7 +113,7 @@ def test_an_export_holding_only_pickled_weights_is_refused(tmp_path):
 
 
 def test_a_hostile_pickled_compressor_backbone_file_is_refused_without_running(tmp_path):
-    from models.semantic_compressor import SemanticCompressor
+    from wurst.models.semantic_compressor import SemanticCompressor
 
     marker = tmp_path / "PWNED-by-backbone"
     weights = tmp_path / "backbone.pth"

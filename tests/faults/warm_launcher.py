@@ -1,9 +1,9 @@
 """A warm launcher for ``wurst-train`` runs under fault injection.
 
-A cold ``python -m train`` spends ~8 CPU-seconds importing torch, Lightning, Hydra, open_clip and
+A cold ``python -m wurst.train`` spends ~8 CPU-seconds importing torch, Lightning, Hydra, open_clip and
 timm before it trains; the kill test starts eleven runs. So one server process imports the training
 stack once and, per request, forks a run: a new process in its own session that installs its fault
-points (fault_points.py), points stdout/stderr at a log file and calls ``train.__main__.main()`` with
+points (fault_points.py), points stdout/stderr at a log file and calls ``wurst.train.__main__.main()`` with
 the requested command line, exactly what the ``wurst-train`` console script calls. The server never
 computes anything itself, so forking it is safe (no OpenMP or other threads started yet).
 
@@ -40,9 +40,9 @@ def _serve() -> None:
     import importlib
 
     for name in ("torch", "lightning", "lightning.pytorch.loggers", "torchmetrics", "transformers", "open_clip",
-                 "timm", "data.datamodule", "train.__main__", "train.run_stage", "train.callbacks",
-                 "train.stage_a_module", "train.stage_c_module", "models.semantic_compressor",
-                 "models.text_encoder", "models.stage_c", "slurm.preemption", "fault_points"):
+                 "timm", "wurst.data.datamodule", "wurst.train.__main__", "wurst.train.run_stage", "wurst.train.callbacks",
+                 "wurst.train.stage_a_module", "wurst.train.stage_c_module", "wurst.models.semantic_compressor",
+                 "wurst.models.text_encoder", "wurst.models.stage_c", "wurst.slurm.preemption", "fault_points"):
         importlib.import_module(name)
 
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
@@ -67,12 +67,11 @@ def _run(request: dict[str, Any]) -> None:
         os.environ.update(request.get("env", {}))
         import fault_points
 
-        import train.__main__
-
+        import wurst.train.__main__
         fault_points.install(request.get("faults") or {})
         sys.argv = ["wurst-train", *request["argv"]]
         try:
-            train.__main__.main()
+            wurst.train.__main__.main()
             code = 0
         except SystemExit as done:
             code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)

@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from models.hub.pipeline_dir import write_json, write_network
+from wurst.models.hub.pipeline_dir import write_json, write_network
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 IMAGE_SIDE = 128  # tiny cascade: Stage C latent 16×3×3, Stage B latent 4×32×32
@@ -90,7 +90,7 @@ def provenance(stage: str, phase: str, steps: int, samples: int, params: int) ->
                 "resolution": 128,
                 "compressor_resolution": 96,
                 "filter": {
-                    "_target_": "data.laion_filter.LAIONFilter",
+                    "_target_": "wurst.data.laion_filter.LAIONFilter",
                     "min_aesthetic": 5.0,
                     "max_pwatermark": 0.5,
                 },
@@ -172,7 +172,7 @@ def copy_pipeline(tiny_pipeline_dir, tmp_path):
 @pytest.fixture(scope="session")
 def exported_folder(tiny_pipeline_dir, tmp_path_factory) -> Path:
     """The tiny pipeline exported to the diffusers layout (read-only)."""
-    from models.hub.diffusers_export import export_pipeline
+    from wurst.models.hub.diffusers_export import export_pipeline
 
     return export_pipeline(
         tiny_pipeline_dir, tmp_path_factory.mktemp("hub") / "wurst-tiny", repo_id="someone/wurst-tiny"

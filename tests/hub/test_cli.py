@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from models.hub.cli import main, parse
+from wurst.models.hub.cli import main, parse
 
 
 def test_export_is_the_default_command_with_key_value_options():

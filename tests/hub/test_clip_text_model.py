@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import CLIPTextModel
 
-from models.hub.clip_text_model import (
+from wurst.models.hub.clip_text_model import (
     PaddingMaskedTextEncoder,
     clip_text_config,
     open_clip_to_transformers,
@@ -15,7 +15,7 @@ from models.hub.clip_text_model import (
     to_transformers_state_dict,
     transformers_to_open_clip,
 )
-from models.text_encoder import TextEncoder
+from wurst.models.text_encoder import TextEncoder
 
 CAPTIONS = [
     "a red circle on a blue background",

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import CLIPTokenizer
 
-from models.hub.clip_tokenizer import VOCAB_SIZE, write_clip_tokenizer
+from wurst.models.hub.clip_tokenizer import VOCAB_SIZE, write_clip_tokenizer
 
 CAPTIONS = [
     "A red circle on a blue background",

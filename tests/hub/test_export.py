@@ -13,10 +13,10 @@ from diffusers.pipelines.deprecated.wuerstchen.pipeline_wuerstchen_prior import 
 from huggingface_hub import ModelCard
 from safetensors import safe_open
 
-from models.cascade import CascadeSampler
-from models.hub.clip_text_model import PaddingMaskedTextEncoder
-from models.hub.diffusers_export import export_pipeline
-from models.hub.pipeline_dir import MissingStageError, read_network, read_text_encoder, write_json
+from wurst.models.cascade import CascadeSampler
+from wurst.models.hub.clip_text_model import PaddingMaskedTextEncoder
+from wurst.models.hub.diffusers_export import export_pipeline
+from wurst.models.hub.pipeline_dir import MissingStageError, read_network, read_text_encoder, write_json
 
 IMAGE_SIDE = 128
 PROMPT = "a red circle on a blue background"

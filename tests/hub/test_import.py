@@ -17,11 +17,11 @@ from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenD
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from models.cascade import CascadeSampler
-from models.hub.clip_text_model import PaddingMaskedTextEncoder
-from models.hub.clip_tokenizer import write_clip_tokenizer
-from models.hub.diffusers_import import hub_allow_patterns, import_diffusers
-from models.hub.pipeline_dir import read_network, read_provenance, read_text_encoder
+from wurst.models.cascade import CascadeSampler
+from wurst.models.hub.clip_text_model import PaddingMaskedTextEncoder
+from wurst.models.hub.clip_tokenizer import write_clip_tokenizer
+from wurst.models.hub.diffusers_import import hub_allow_patterns, import_diffusers
+from wurst.models.hub.pipeline_dir import read_network, read_provenance, read_text_encoder
 
 IMAGE_SIDE = 128
 PROMPT = "a red circle on a blue background"
@@ -160,7 +160,7 @@ def test_import_writes_a_pipeline_directory_as_wurst_train_does(imported_dir):
     assert json.loads((imported_dir / "pipeline.json").read_text())["pipeline"] == "imported"
     assert (
         json.loads((export_dir(imported_dir, "c") / "config.json").read_text())["_target_"]
-        == "models.stage_c.StageC"
+        == "wurst.models.stage_c.StageC"
     )
 
 
@@ -225,8 +225,8 @@ def test_our_sampler_on_the_imported_directory_draws_the_diffusers_pipelines_ima
 
 def test_train_and_eval_loaders_read_the_imported_directory(imported_dir):
     """wurst-train init_from and wurst-eval read exports through train/export.py and train/cascade_loading.py."""
-    from train.cascade_loading import load_text_encoder
-    from train.export import load_network, require_export
+    from wurst.train.cascade_loading import load_text_encoder
+    from wurst.train.export import load_network, require_export
 
     for stage, name in (("a", "StageA"), ("b", "StageB"), ("c", "StageC")):
         require_export(export_dir(imported_dir, stage), stage)
@@ -363,7 +363,7 @@ def test_a_folder_without_model_index_is_a_clear_error(tmp_path):
 
 
 def test_the_import_command_writes_the_pipeline_directory(saved_folder, tmp_path, capsys):
-    from models.hub.cli import main
+    from wurst.models.hub.cli import main
 
     assert main(["import", str(saved_folder), f"out={tmp_path / 'pipeline'}"]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "pipeline")
@@ -371,7 +371,7 @@ def test_the_import_command_writes_the_pipeline_directory(saved_folder, tmp_path
 
 
 def test_an_imported_cascade_without_compressor_can_be_exported_again(imported_dir, saved_folder, tmp_path):
-    from models.hub.diffusers_export import export_pipeline
+    from wurst.models.hub.diffusers_export import export_pipeline
 
     out = export_pipeline(imported_dir, tmp_path / "again")
     assert not (out / "semantic_compressor").exists()

@@ -2,7 +2,7 @@
 
 A loopback server (tests/hub/fake_hub.py) answers like the Hub API. The subprocess tests point the
 client at it the way a user would, with ``HF_ENDPOINT`` and ``HF_TOKEN`` in the environment, and run the
-console entry point (``python -m models.hub.cli``).
+console entry point (``python -m wurst.models.hub.cli``).
 
 Exercised: create_repo (visibility), create_branch (revision), the README metadata check
 (validate-yaml), preupload (upload modes), the git-LFS batch API with PUT uploads and verify, and the
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from models.hub.cli import main
+from wurst.models.hub.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "hf_FakeTokenForTheLoopbackHub0123456789"
@@ -46,7 +46,7 @@ def run_cli(
     if not xet:
         env["HF_HUB_DISABLE_XET"] = "1"
     return subprocess.run(
-        [sys.executable, "-m", "models.hub.cli", *args],
+        [sys.executable, "-m", "wurst.models.hub.cli", *args],
         check=False,
         cwd=REPO,
         env=env,

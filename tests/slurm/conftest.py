@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 import yaml
 
-from slurm.cluster import LoopbackCluster, unavailable_reason
-from slurm.submit import JobStatus, job_status, submit
-from slurm.template import SlurmJob
+from wurst.slurm.cluster import LoopbackCluster, unavailable_reason
+from wurst.slurm.submit import JobStatus, job_status, submit
+from wurst.slurm.template import SlurmJob
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -128,7 +128,7 @@ def make_job() -> Callable[..., SlurmJob]:
 def data_dir(tmp_path_factory) -> Path:
     """``paths.data_dir`` shared by every job: 4 synthetic shards of 32 samples that all pass the LAION
     filter, so in finite mode each of two ranks gets 2 shards and the same number of batches."""
-    from data.synthetic import write_synthetic_shards
+    from wurst.data.synthetic import write_synthetic_shards
 
     root = tmp_path_factory.mktemp("data")
     write_synthetic_shards(
@@ -292,15 +292,15 @@ def time_limited_run(cluster, data_dir, tmp_path_factory) -> SubmittedRun:
 
 # -- the tiny pipeline as a chain, and a sweep ---------------------------------------------------------
 
-# Appended to every training step of the chain (python -m slurm chain ... -- <these>).
+# Appended to every training step of the chain (python -m wurst.slurm chain ... -- <these>).
 CHAIN_STEPS = 4
 CHAIN_OVERRIDES = ["logger=csv", f"trainer.max_steps={CHAIN_STEPS}", "checkpoint_every=2"]
 
 
 @dataclass
 class SubmittedChain:
-    """A chain submitted with ``python -m slurm chain``: its record, where it trains, and what
-    ``python -m slurm status`` said right after the submission."""
+    """A chain submitted with ``python -m wurst.slurm chain``: its record, where it trains, and what
+    ``python -m wurst.slurm status`` said right after the submission."""
 
     chain_file: Path
     output_dir: Path
@@ -320,7 +320,7 @@ def slurm_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [PYTHON, "-m", "slurm", *args],
+        [PYTHON, "-m", "wurst.slurm", *args],
         check=False,
         capture_output=True,
         text=True,

@@ -12,8 +12,8 @@ from datetime import datetime
 import pytest
 from omegaconf import OmegaConf
 
-from slurm.manifest import write_pipeline_manifest
-from slurm.submit import ChainStep, chain_steps_from_spec, job_name, submit_chain
+from wurst.slurm.manifest import write_pipeline_manifest
+from wurst.slurm.submit import ChainStep, chain_steps_from_spec, job_name, submit_chain
 
 from .conftest import CHAIN_STEPS, REPO, slurm_cli, tiny_hand_off
 
@@ -40,7 +40,7 @@ def test_overrides_after_the_spec_go_to_every_training_step_only():
         "wurst-train stage=a experiment=tiny logger=csv trainer.max_steps=4",
         "wurst-train stage=b experiment=tiny logger=csv trainer.max_steps=4",
         "wurst-train stage=c experiment=tiny logger=csv trainer.max_steps=4",
-        f"python -m slurm manifest {spec['output_dir']}/tiny --pipeline tiny",
+        f"python -m wurst.slurm manifest {spec['output_dir']}/tiny --pipeline tiny",
     ]
 
 

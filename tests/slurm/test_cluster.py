@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from slurm.cluster import LoopbackCluster, unavailable_reason
-from slurm.submit import submit
-from slurm.template import SlurmConfigError, validate
+from wurst.slurm.cluster import LoopbackCluster, unavailable_reason
+from wurst.slurm.submit import submit
+from wurst.slurm.template import SlurmConfigError, validate
 
 from .conftest import REPO, slurm_cli
 
@@ -80,7 +80,7 @@ def test_cli_starts_and_stops_a_second_cluster_beside_the_first(cluster, tmp_pat
     state = tmp_path / "second"
     env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
     up = subprocess.run(
-        [sys.executable, "-m", "slurm", "cluster-up", "--state-dir", str(state)],
+        [sys.executable, "-m", "wurst.slurm", "cluster-up", "--state-dir", str(state)],
         check=False,
         capture_output=True,
         text=True,
@@ -95,7 +95,7 @@ def test_cli_starts_and_stops_a_second_cluster_beside_the_first(cluster, tmp_pat
     munge_dir = Path(json.loads((state / "cluster.json").read_text())["munge_dir"])
 
     down = subprocess.run(
-        [sys.executable, "-m", "slurm", "cluster-down", "--state-dir", str(state)],
+        [sys.executable, "-m", "wurst.slurm", "cluster-down", "--state-dir", str(state)],
         check=False,
         capture_output=True,
         text=True,

@@ -12,7 +12,7 @@ import pytest
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
-from slurm.preemption import (
+from wurst.slurm.preemption import (
     CheckpointOnTerminate,
     next_hpc_checkpoint,
     requeue_job_id,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slurm.sweep import collect_sweep, write_sweep_summary
+from wurst.slurm.sweep import collect_sweep, write_sweep_summary
 
 from .conftest import SWEEP_LRS
 

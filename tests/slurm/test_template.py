@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slurm.submit import chain_steps_from_spec
-from slurm.template import SlurmConfigError, SlurmJob, parse_time_limit, render_sbatch, validate
+from wurst.slurm.submit import chain_steps_from_spec
+from wurst.slurm.template import SlurmConfigError, SlurmJob, parse_time_limit, render_sbatch, validate
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -167,7 +167,7 @@ def test_paper_chain_spec_is_the_recipe_in_order_then_the_manifest():
 def test_paper_chain_run_dirs_are_where_its_experiments_train():
     from hydra import compose, initialize_config_dir
 
-    from train.config import CONFIG_DIR
+    from wurst.train.config import CONFIG_DIR
 
     _, steps = paper_chain()
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):

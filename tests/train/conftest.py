@@ -11,8 +11,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from train.config import CONFIG_DIR
-from train.export import write_network, write_provenance
+from wurst.train.config import CONFIG_DIR
+from wurst.train.export import write_network, write_provenance
 
 REPO = Path(CONFIG_DIR).parent
 
@@ -56,7 +56,7 @@ def synthetic_batch():
 
     from torchvision.transforms.functional import pil_to_tensor, resize
 
-    from data.synthetic import synthetic_image
+    from wurst.data.synthetic import synthetic_image
 
     rng = random.Random(0)
     images, captions = [], []

@@ -9,9 +9,9 @@ import sys
 import pytest
 from hydra.errors import MissingConfigException
 
-from train.export import MissingExportError
-from train.pipeline import check_stage_order
-from train.run_stage import train_stage
+from wurst.train.export import MissingExportError
+from wurst.train.pipeline import check_stage_order
+from wurst.train.run_stage import train_stage
 
 from .conftest import REPO, compose_train
 
@@ -61,7 +61,7 @@ def test_init_from_a_missing_export_is_refused(tmp_path):
 @pytest.mark.slow
 def test_the_command_line_reports_a_missing_hand_off_and_exits_nonzero(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "train", "stage=b", "experiment=tiny", f"paths.output_dir={tmp_path}"],
+        [sys.executable, "-m", "wurst.train", "stage=b", "experiment=tiny", f"paths.output_dir={tmp_path}"],
         cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode != 0

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from train.checkpointing import AtomicCheckpointIO, find_resume_checkpoint, is_valid_checkpoint
+from wurst.train.checkpointing import AtomicCheckpointIO, find_resume_checkpoint, is_valid_checkpoint
 
 
 def _save(io, path, value):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from train.run_stage import build_module
+from wurst.train.run_stage import build_module
 
 from .conftest import compose_train
 

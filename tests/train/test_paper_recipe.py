@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.export import write_network, write_provenance
-from train.run_stage import build_module
+from wurst.train.export import write_network, write_provenance
+from wurst.train.run_stage import build_module
 
 from .conftest import compose_train
 

@@ -6,10 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from data.datamodule import per_device_batch_size
-from train.ema import EMA
-from train.export import MissingExportError, build_from_config, load_network, require_export, write_network
-from train.recipe import build_optimizer, linear_warmup
+from wurst.data.datamodule import per_device_batch_size
+from wurst.train.ema import EMA
+from wurst.train.export import (
+    MissingExportError,
+    build_from_config,
+    load_network,
+    require_export,
+    write_network,
+)
+from wurst.train.recipe import build_optimizer, linear_warmup
 
 
 def test_per_device_batch_divides_global_batch_by_world_and_accumulation():
@@ -66,9 +72,9 @@ def test_exported_config_cannot_name_an_arbitrary_class(tmp_path):
 
 
 def test_export_round_trips_a_network(tmp_path):
-    from models.stage_c import StageC
+    from wurst.models.stage_c import StageC
 
-    cfg = {"_target_": "models.stage_c.StageC", "c_in": 4, "c": 16, "c_cond": 8, "c_r": 8, "depth": 1, "nhead": 2}
+    cfg = {"_target_": "wurst.models.stage_c.StageC", "c_in": 4, "c": 16, "c_cond": 8, "c_r": 8, "depth": 1, "nhead": 2}
     net = build_from_config(cfg)
     write_network(tmp_path, "model", net, cfg)
     (tmp_path / "provenance.json").write_text(json.dumps({"stage": "c"}))

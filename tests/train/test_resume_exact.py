@@ -24,7 +24,7 @@ STEPS, EVERY = 8, 4
 
 def stage_c_command(output_dir: Path) -> list[str]:
     return [
-        sys.executable, "-m", "train", "stage=c", "experiment=tiny", f"paths.output_dir={output_dir}",
+        sys.executable, "-m", "wurst.train", "stage=c", "experiment=tiny", f"paths.output_dir={output_dir}",
         f"trainer.max_steps={STEPS}", f"checkpoint_every={EVERY}", "logger=csv", "data.num_workers=1",
         "data.synthesize.num_samples=64", "data.synthesize.num_shards=4", "ema.start=2", "ema.every=2",
     ]

@@ -24,9 +24,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from train.accounting.carbon import co2_kg, default_pue, resolve_carbon_intensity
-from train.accounting.ledger import MIXED, POWER_SOURCES, Ledger
-from train.accounting.power import BoardPowerMeter, NvmlEnergyMeter, open_energy_meter
+from wurst.train.accounting.carbon import co2_kg, default_pue, resolve_carbon_intensity
+from wurst.train.accounting.ledger import MIXED, POWER_SOURCES, Ledger
+from wurst.train.accounting.power import BoardPowerMeter, NvmlEnergyMeter, open_energy_meter
 
 
 def batch_size_of(batch: Any) -> int:

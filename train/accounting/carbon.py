@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from decimal import ROUND_HALF_EVEN, Decimal
 
-from train.accounting.tables import load_table
+from wurst.train.accounting.tables import load_table
 
 
 def _decimal(value: float, name: str) -> Decimal:

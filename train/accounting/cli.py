@@ -13,11 +13,17 @@ import json
 import sys
 from pathlib import Path
 
-from train.accounting.carbon import co2_kg, default_pue, energy_kwh, resolve_carbon_intensity, round_half_even
-from train.accounting.ledger import read_run_ledger
-from train.accounting.pipeline import is_pipeline_dir, read_pipeline, table2
-from train.accounting.power import board_power_table, board_power_watts, canonical_device_name
-from train.accounting.projection import DEFAULT_RECIPE, project, read_recipe, render
+from wurst.train.accounting.carbon import (
+    co2_kg,
+    default_pue,
+    energy_kwh,
+    resolve_carbon_intensity,
+    round_half_even,
+)
+from wurst.train.accounting.ledger import read_run_ledger
+from wurst.train.accounting.pipeline import is_pipeline_dir, read_pipeline, table2
+from wurst.train.accounting.power import board_power_table, board_power_watts, canonical_device_name
+from wurst.train.accounting.projection import DEFAULT_RECIPE, project, read_recipe, render
 
 
 def _add_carbon_args(parser: argparse.ArgumentParser, defaults_from: str) -> None:

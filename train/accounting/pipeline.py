@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from train.accounting.carbon import round_half_even
-from train.accounting.ledger import Ledger, read_run_ledger
-from train.accounting.tables import load_table
+from wurst.train.accounting.carbon import round_half_even
+from wurst.train.accounting.ledger import Ledger, read_run_ledger
+from wurst.train.accounting.tables import load_table
 
 STAGES = ("a", "b", "c")
 

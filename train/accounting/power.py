@@ -14,7 +14,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
-from train.accounting.tables import load_table
+from wurst.train.accounting.tables import load_table
 
 _VENDOR_WORDS = re.compile(r"^(NVIDIA|TESLA|GEFORCE|QUADRO)+")
 

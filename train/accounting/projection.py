@@ -20,8 +20,8 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from train.accounting.carbon import co2_kg, round_half_even
-from train.accounting.ledger import Ledger
+from wurst.train.accounting.carbon import co2_kg, round_half_even
+from wurst.train.accounting.ledger import Ledger
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "conf" / "experiment" / "paper_v2"
 

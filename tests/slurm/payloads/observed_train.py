@@ -4,8 +4,8 @@ Usage: exactly ``wurst-train``'s command line, e.g.::
 
     python observed_train.py stage=c experiment=tiny trainer=ddp trainer.num_nodes=2 ...
 
-The training is the real one (``train.__main__.main``, same config, same callbacks); the only change is
-``RankRecorder`` appended to the callbacks ``train.callbacks.build_callbacks`` returns (``observe()``, run
+The training is the real one (``wurst.train.__main__.main``, same config, same callbacks); the only change is
+``RankRecorder`` appended to the callbacks ``wurst.train.callbacks.build_callbacks`` returns (``observe()``, run
 only as a script: importing this module changes nothing). In DDP only
 rank 0 writes checkpoints and the export, so this is how a test sees rank 1 at all. Each rank appends
 JSON lines to ``<run_dir>/ranks/rank<r>.jsonl``:
@@ -34,8 +34,8 @@ from typing import Any
 import lightning as L
 import torch
 
-import train.callbacks
-from train.__main__ import main
+import wurst.train.callbacks
+from wurst.train.__main__ import main
 
 
 def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:
@@ -96,13 +96,13 @@ class RankRecorder(L.Callback):
 
 def observe() -> None:
     """Adds ``RankRecorder`` to every stage run of this process."""
-    build_real_callbacks = train.callbacks.build_callbacks
+    build_real_callbacks = wurst.train.callbacks.build_callbacks
 
     def build_callbacks_with_recorder(cfg, run_dir: Path) -> list[L.Callback]:
         return [*build_real_callbacks(cfg, run_dir), RankRecorder(run_dir)]
 
     # train.run_stage imports build_callbacks when a stage starts: replacing the module attribute is enough.
-    train.callbacks.build_callbacks = build_callbacks_with_recorder
+    wurst.train.callbacks.build_callbacks = build_callbacks_with_recorder
 
 
 if __name__ == "__main__":

@@ -6,15 +6,15 @@ import pytest
 import torch
 from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
 
-from models.diffusers_compat import (
+from wurst.models.diffusers_compat import (
     check_state_dict_compatible,
     diffusers_config,
     from_diffusers,
     state_dict_differences,
     to_diffusers,
 )
-from models.stage_a import StageA
-from models.stage_c import StageC
+from wurst.models.stage_a import StageA
+from wurst.models.stage_c import StageC
 
 PRIOR_CFG = {"c_in": 8, "c": 32, "c_cond": 24, "c_r": 16, "depth": 1, "nhead": 2, "dropout": 0.0}
 VQ_CFG = {"levels": 2, "bottleneck_blocks": 1, "embed_dim": 16, "num_vq_embeddings": 32}
@@ -123,7 +123,9 @@ def _well_conditioned(model, randomize, seed: int = 0):
 
 
 def _stage_b_module():
-    return pytest.importorskip("models.stage_b", reason="models/stage_b.py (Stage B) is not written yet")
+    import wurst.models.stage_b
+
+    return wurst.models.stage_b
 
 
 @pytest.mark.parametrize("cfg", DIFFNEXT_CONFIGS, ids=["2-level", "3-level"])

@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior
 
-from models.diffusers_compat import from_diffusers, to_diffusers
-from models.stage_c import StageC
+from wurst.models.diffusers_compat import from_diffusers, to_diffusers
+from wurst.models.stage_c import StageC
 
 # REFERENCE.md "The cascade": v2 Stage C has 993.6 M parameters; diffusers WuerstchenPrior arguments.
 PAPER_PARAMS = 993.6e6

@@ -8,8 +8,8 @@ import pytest
 import torch
 from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel
 
-from models.diffusers_compat import from_diffusers, to_diffusers
-from models.stage_a import StageA, VectorQuantizer, codebook_usage
+from wurst.models.diffusers_compat import from_diffusers, to_diffusers
+from wurst.models.stage_a import StageA, VectorQuantizer, codebook_usage
 
 # REFERENCE.md "The cascade": v2 Stage A has 18.4 M parameters and is PaellaVQModel() with defaults.
 PAPER_PARAMS = 18.4e6

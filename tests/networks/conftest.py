@@ -1,4 +1,5 @@
-"""Fixtures for Stage A / Stage C / diffusers-converter tests: configs from conf/, random weights."""
+"""Fixtures for the network tests (Stage A, B, C, the compressor, the text encoder, the diffusers converters):
+configs from conf/, random weights."""
 
 from __future__ import annotations
 
@@ -50,3 +51,33 @@ def build_from_conf() -> Callable[..., nn.Module]:
 def randomize() -> Callable[..., nn.Module]:
     """``randomize(module, std=0.2, seed=0)``: random values in every float tensor of the state dict."""
     return _randomize
+
+
+
+@pytest.fixture
+def randomise():
+    """Overwrite every parameter with noise, so zero-initialised parts (GRN, clf, mappers) count too."""
+
+    def _randomise(module: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+        return module
+
+    return _randomise
+
+
+@pytest.fixture
+def model_conf():
+    """Load ``conf/model/<group>/<name>.yaml`` (Hydra config) as an OmegaConf node."""
+
+    def _load(group: str, name: str):
+        return OmegaConf.load(CONF_MODEL / group / f"{name}.yaml")
+
+    return _load
+
+
+@pytest.fixture(scope="module")
+def tiny_text_encoder():
+    return instantiate(OmegaConf.load(CONF_MODEL / "text_encoder" / "tiny.yaml"))

@@ -8,7 +8,7 @@ import timm
 import torch
 from hydra.utils import instantiate
 
-from models.semantic_compressor import IMAGENET_MEAN, IMAGENET_STD, SemanticCompressor
+from wurst.models.semantic_compressor import IMAGENET_MEAN, IMAGENET_STD, SemanticCompressor
 
 TINY_BACKBONE = "test_efficientnet"  # timm's test model: 256 channels at stride 32
 

@@ -9,7 +9,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from models.text_encoder import TextEncoder
+from wurst.models.text_encoder import TextEncoder
 
 TINY_TEXT = {"width": 64, "layers": 2, "heads": 2, "context_length": 77, "vocab_size": 49408}
 TINY_VISION = {"image_size": 32, "patch_size": 16, "width": 64, "layers": 1, "head_width": 32}

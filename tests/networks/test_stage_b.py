@@ -7,7 +7,7 @@ import torch
 from diffusers.pipelines.deprecated.wuerstchen.modeling_wuerstchen_diffnext import WuerstchenDiffNeXt
 from hydra.utils import instantiate
 
-from models.stage_b import StageB
+from wurst.models.stage_b import StageB
 
 # Two deliberately different small DiffNeXt shapes for the diffusers parity checks.
 TINY_STAGE_B = {
