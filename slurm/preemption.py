@@ -47,7 +47,9 @@ worker dies of a SIGTERM that its parent did not send; the training process then
 "DataLoader worker ... killed by signal: Terminated" before the step boundary, so with
 ``data.num_workers > 0`` a ``scontrol requeue`` resumes from the last periodic checkpoint (the requeue
 signal path is unaffected: its checkpoint is written before SLURM sends SIGTERM). The fix belongs to
-the data loader: workers that ignore SIGTERM (their parent stops them).
+the data loader: workers drop a SIGTERM that their parent did not send and exit on one it did, or
+when it dies (``data.stream_loader.stop_only_for_parent``), so they outlive SLURM's signal yet never
+keep an erroring training process waiting at exit.
 """
 
 from __future__ import annotations
