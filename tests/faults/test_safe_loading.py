@@ -113,11 +113,14 @@ def test_an_export_holding_only_pickled_weights_is_refused(tmp_path):
 
 
 def test_a_hostile_pickled_compressor_backbone_file_is_refused_without_running(tmp_path):
+    from omegaconf import OmegaConf
+
     from wurst.models.semantic_compressor import SemanticCompressor
 
     marker = tmp_path / "PWNED-by-backbone"
     weights = tmp_path / "backbone.pth"
     torch.save({"conv_stem.weight": Payload(marker)}, weights)
+    tiny = OmegaConf.to_container(OmegaConf.load(Path(__file__).parents[2] / "conf/model/compressor/tiny.yaml"))
     with pytest.raises(Exception, match="(?i)weights.only|unpickl"):
-        SemanticCompressor(backbone="test_efficientnet", pretrained=str(weights))
+        SemanticCompressor(**{k: v for k, v in tiny.items() if k != "_target_"} | {"pretrained": str(weights)})
     assert not marker.exists()
