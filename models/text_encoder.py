@@ -7,8 +7,16 @@ checkpoint file (full CLIP state dict; the text keys are taken), or a local open
 directory (``open_clip_config.json`` + weights). Tokenising uses open_clip's ``SimpleTokenizer``,
 whose BPE vocabulary ships inside the package, so no network is needed for it.
 
-Outputs, as the Würstchen v2 pipelines consume them (REFERENCE.md "The cascade"):
-``hidden`` — per-token states after ``ln_final`` ``[B, 77, width]`` (the cross-attention sequence);
+Text conditioning is computed exactly as diffusers' Würstchen pipelines compute it (REFERENCE.md
+"Diffusion, as the official code does it", text conditioning): 77 tokens (start, ≤ 75 BPE tokens, end of
+text), padded with ``pad_token_id`` (the tokenizer folder's own id), and the padding *keys* masked on top of
+the causal mask, as transformers' ``CLIPTextModel`` does when the pipelines pass the tokenizer's
+``attention_mask``. The same for captions, "" and negative prompts, in training, caching, generation and
+evaluation, so an export draws the same in diffusers as here.
+
+Outputs:
+``hidden`` — per-token states after ``ln_final`` ``[B, 77, width]`` at all 77 positions (the
+cross-attention sequence, unmasked);
 ``pooled`` — the end-of-text token's state projected by ``text_projection`` ``[B, embed_dim]``
 (CLIP's text embedding; embed_dim == width for CLIP-H and CLIP-bigG).
 """
@@ -34,6 +42,12 @@ OPEN_CLIP_WEIGHT_FILES = (
     "model.safetensors",
     "pytorch_model.bin",
 )
+# REFERENCE.md, text conditioning: the public v2 tokenizer folders (warp-ai, LAION CLIP-H) pad with
+# <|endoftext|>; open_clip's own tokenizer pads with 0 ("!"), which exports made before the padding was
+# configurable were trained with (models/hub/pipeline_dir.py reads those with LEGACY_PAD_TOKEN_ID).
+END_OF_TEXT_TOKEN_ID = 49407
+LEGACY_PAD_TOKEN_ID = 0
+
 # Root-level keys of a CLIP state dict that belong to the text tower (the vision tower is "visual.*").
 TEXT_TOWER_PREFIXES = (
     "token_embedding.",
@@ -57,6 +71,8 @@ class TextEncoder(nn.Module):
             (``{"width": 64, "layers": 2, "heads": 2, "context_length": 77, "vocab_size": 49408}``,
             optionally with ``embed_dim`` and ``quick_gelu``).
         context_length: tokens per caption (77 for every CLIP here).
+        pad_token_id: the id after the end-of-text token (the tokenizer folder's ``pad_token_id``:
+            49407 ``<|endoftext|>`` for the public v2 folders, 0 ``!`` for some other CLIP folders).
     """
 
     def __init__(
@@ -65,6 +81,7 @@ class TextEncoder(nn.Module):
         pretrained: str | None = None,
         model_cfg: dict[str, Any] | None = None,
         context_length: int = 77,
+        pad_token_id: int = END_OF_TEXT_TOKEN_ID,
     ):
         super().__init__()
         self.model_name, self.context_length = model_name, context_length
@@ -86,6 +103,13 @@ class TextEncoder(nn.Module):
         self.tokenizer = open_clip.SimpleTokenizer(
             context_length=context_length, **(text_cfg.get("tokenizer_kwargs") or {})
         )
+        if not 0 <= int(pad_token_id) < self.tokenizer.vocab_size:
+            raise ValueError(
+                f"TextEncoder: pad_token_id={pad_token_id} is not a token id of the CLIP BPE vocabulary "
+                f"[0, {self.tokenizer.vocab_size}); use the tokenizer folder's pad_token_id "
+                f"({END_OF_TEXT_TOKEN_ID} for <|endoftext|>, {LEGACY_PAD_TOKEN_ID} for '!')"
+            )
+        self.pad_token_id = int(pad_token_id)
         if self.text.vocab_size < self.tokenizer.vocab_size:
             raise ValueError(
                 f"TextEncoder: vocab_size={self.text.vocab_size} is smaller than the CLIP BPE tokenizer's "
@@ -102,19 +126,56 @@ class TextEncoder(nn.Module):
         return super().train(False)
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
-        """captions (B strings) → token ids ``[B, context_length]`` (long), truncated and zero-padded."""
+        """captions (B strings) → token ids ``[B, context_length]`` (long): start, ≤ context_length − 2
+        BPE tokens, end of text, then ``pad_token_id`` (what a CLIPTokenizer with padding="max_length",
+        truncation=True gives)."""
         if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
             raise ValueError(
                 f"TextEncoder: captions must be a list of strings, got {type(captions).__name__}; wrap "
                 f"a single caption as [caption]"
             )
-        return self.tokenizer(list(captions))
+        tokens = self.tokenizer(list(captions))  # open_clip pads with 0
+        return tokens.masked_fill(~self.attention_mask(tokens).bool(), self.pad_token_id)
+
+    def end_of_text_index(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[B]``: the position of each caption's first end-of-text token (where CLIP pools)."""
+        return (tokens == self.tokenizer.eot_token_id).int().argmax(dim=-1)
+
+    def attention_mask(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The tokenizer's ``attention_mask`` ``[B, L]`` (long): 1 from the start token through the first
+        end-of-text token, 0 on the padding after it."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        return (positions[None] <= self.end_of_text_index(tokens)[:, None]).long()
 
     @torch.no_grad()
     def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """captions (B strings) → (hidden ``[B, context_length, width]``, pooled ``[B, embed_dim]``)."""
-        tokens = self.tokenize(captions).to(self.text.token_embedding.weight.device)
-        pooled, hidden = self.text(tokens)
+        return self.encode_tokens(self.tokenize(captions))
+
+    @torch.no_grad()
+    def encode_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """token ids ``[B, L]`` (from :meth:`tokenize`) → (hidden ``[B, L, width]``, pooled ``[B, embed_dim]``).
+
+        The causal mask plus the padding keys masked, as transformers' CLIPTextModel computes it with the
+        tokenizer's attention mask; every query keeps the start token, so no row is fully masked.
+        """
+        tower = self.text
+        tokens = tokens.to(tower.token_embedding.weight.device)
+        length = tokens.shape[1]
+        x = tower.token_embedding(tokens) + tower.positional_embedding[:length].to(tower.token_embedding.weight.dtype)
+        causal = tower.attn_mask[:length, :length].to(device=x.device, dtype=x.dtype)
+        padding = torch.zeros(tokens.shape, dtype=x.dtype, device=x.device).masked_fill(
+            ~self.attention_mask(tokens).bool(), float("-inf")
+        )
+        # [B·heads, L, L], as nn.MultiheadAttention takes a per-sample mask.
+        mask = (causal[None] + padding[:, None, :]).repeat_interleave(tower.heads, dim=0)
+        hidden = tower.ln_final(tower.transformer(x, attn_mask=mask))
+        pooled = hidden[torch.arange(hidden.shape[0], device=x.device), self.end_of_text_index(tokens)]
+        projection = tower.text_projection
+        if isinstance(projection, nn.Linear):
+            pooled = projection(pooled)
+        elif projection is not None:
+            pooled = pooled @ projection
         return hidden, pooled
 
     def _load_text_weights(self, checkpoint: Path) -> None:

@@ -18,12 +18,10 @@ hold a transformers ``CLIPTextModel`` in ``text_encoder/`` (CLIP-H, Stage B) and
 Activation: open_clip's ``QuickGELU`` ↔ ``hidden_act="quick_gelu"`` (OpenAI CLIP), ``nn.GELU`` ↔ ``"gelu"``
 (LAION's ViT-H/bigG). Both use a causal mask and pool the end-of-text token (the largest id, 49407).
 
-One convention differs and cannot be converted away: transformers' ``CLIPTextModel`` also masks the
-padding *keys* when it is given the tokenizer's ``attention_mask`` (diffusers' Würstchen pipelines always
-pass it, as did the official Würstchen training code), open_clip does not. States up to and including the
-end-of-text token agree; states at padding positions differ. Stage B and C cross-attend to all 77
-positions, so :class:`PaddingMaskedTextEncoder` computes our tower's states the transformers way — what a
-diffusers-layout folder produces — for exact comparisons and for weights trained with that convention.
+Text conditioning: diffusers' Würstchen pipelines pass the tokenizer's ``attention_mask``, so transformers
+masks the padding keys on top of the causal mask; our ``TextEncoder`` computes the same (its
+``encode_tokens``), with the same padding id (``TextEncoder.pad_token_id`` ↔ the tokenizer folder's
+``pad_token_id``), so states agree at all 77 positions.
 """
 
 from __future__ import annotations
@@ -41,7 +39,6 @@ from wurst.models.text_encoder import TextEncoder
 # CLIP's BPE special tokens (open_clip's SimpleTokenizer and transformers' CLIPTokenizer agree on ids).
 BOS_TOKEN_ID = 49406
 EOS_TOKEN_ID = 49407
-PAD_TOKEN_ID = 0  # open_clip pads with 0 ("!"); the LAION tokenizer folders declare pad_token "!" too
 TRANSFORMERS_PREFIX = "text_model."
 # The file a diffusers-layout text encoder folder keeps the pooled projection in: the pipelines load a
 # CLIPTextModel (no projection), so the projection rides beside it for a lossless way back.
@@ -94,10 +91,10 @@ def check_convertible(text_encoder: TextEncoder | nn.Module) -> None:
         )
 
 
-def clip_text_config(
-    text_encoder: TextEncoder | nn.Module, pad_token_id: int = PAD_TOKEN_ID
-) -> CLIPTextConfig:
-    """The transformers ``CLIPTextConfig`` of our text encoder's tower (same sizes, activation, eps)."""
+def clip_text_config(text_encoder: TextEncoder, pad_token_id: int | None = None) -> CLIPTextConfig:
+    """The transformers ``CLIPTextConfig`` of our text encoder's tower (same sizes, activation, eps, padding id)."""
+    if pad_token_id is None:
+        pad_token_id = text_encoder.pad_token_id
     check_convertible(text_encoder)
     tower = _tower(text_encoder)
     block = tower.transformer.resblocks[0]
@@ -167,8 +164,8 @@ def open_clip_to_transformers(
 ) -> CLIPTextModel | CLIPTextModelWithProjection:
     """Our text encoder → a transformers ``CLIPTextModelWithProjection`` (or ``CLIPTextModel``) with copies of its weights.
 
-    Called on the same token ids without an attention mask, ``last_hidden_state`` equals our
-    ``hidden`` and ``text_embeds`` our ``pooled`` (float rounding aside).
+    Called on our token ids with our ``attention_mask`` (as diffusers' pipelines call it with the tokenizer's),
+    ``last_hidden_state`` equals our ``hidden`` and ``text_embeds`` our ``pooled`` (float rounding aside).
     """
     config = clip_text_config(text_encoder)
     state = to_transformers_state_dict(text_encoder)
@@ -197,10 +194,11 @@ def _load_transformers_state(model: nn.Module, state: Mapping[str, torch.Tensor]
 
 
 def text_encoder_kwargs(
-    config: CLIPTextConfig, model_name: str = "clip-text", embed_dim: int | None = None
+    config: CLIPTextConfig, pad_token_id: int, model_name: str = "clip-text", embed_dim: int | None = None
 ) -> dict[str, Any]:
     """Our ``TextEncoder`` constructor kwargs for a transformers CLIP text config (random init, no download).
 
+    ``pad_token_id`` is the tokenizer folder's (not the model config's, which diffusers never reads);
     ``embed_dim`` is the pooled projection's width (default: the hidden width, i.e. no projection).
     """
     width, intermediate = int(config.hidden_size), int(config.intermediate_size)
@@ -234,6 +232,7 @@ def text_encoder_kwargs(
             "text_cfg": text_cfg,
         },
         "context_length": int(config.max_position_embeddings),
+        "pad_token_id": int(pad_token_id),
     }
 
 
@@ -287,76 +286,23 @@ def from_transformers_state_dict(
 
 def transformers_to_open_clip(
     model: CLIPTextModel | CLIPTextModelWithProjection,
+    pad_token_id: int,
     text_projection: torch.Tensor | None = None,
     model_name: str = "clip-text",
-) -> TextEncoder:
-    """A transformers CLIP text model → our ``TextEncoder`` with copies of its weights (BPE tokenizer of open_clip).
+) -> tuple[TextEncoder, dict[str, Any]]:
+    """A transformers CLIP text model → (our ``TextEncoder`` with copies of its weights, its constructor kwargs).
 
-    See :func:`from_transformers_state_dict` for the projection.
+    ``pad_token_id`` is the tokenizer folder's; see :func:`from_transformers_state_dict` for the projection.
     """
     state = dict(model.state_dict())
     if text_projection is None and "text_projection.weight" in state:
         text_projection = state["text_projection.weight"]
     embed_dim = int(text_projection.shape[0]) if text_projection is not None else None
-    kwargs = text_encoder_kwargs(model.config, model_name, embed_dim)
+    kwargs = text_encoder_kwargs(model.config, pad_token_id, model_name, embed_dim)
     with torch.device("meta"):
         encoder = TextEncoder(**kwargs)
     ours = from_transformers_state_dict(state, int(model.config.num_hidden_layers), text_projection)
     encoder.load_state_dict(ours, strict=True, assign=True)
     # The causal-mask buffer is not in the state dict: rebuild it on the CPU.
     encoder.text.attn_mask = encoder.text.build_causal_mask()
-    return encoder.requires_grad_(False).eval()
-
-
-def padding_attention_mask(tokens: torch.Tensor) -> torch.Tensor:
-    """The ``attention_mask`` a transformers CLIPTokenizer returns for open_clip's ids: 1 up to and including
-    the end-of-text token (the largest id), 0 on the padding after it. ``[B, L]`` (long)."""
-    positions = torch.arange(tokens.shape[1], device=tokens.device)
-    return (positions[None] <= tokens.argmax(dim=-1)[:, None]).long()
-
-
-@torch.no_grad()
-def padding_masked_states(
-    text_encoder: TextEncoder, captions: list[str]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Our tower's (hidden ``[B, L, width]``, pooled ``[B, embed_dim]``) with the padding keys masked as well.
-
-    This is what transformers' ``CLIPTextModel`` returns when diffusers' pipelines pass the tokenizer's
-    attention mask; positions up to the end-of-text token equal ``text_encoder(captions)``.
-    """
-    tower = text_encoder.text
-    device = tower.token_embedding.weight.device
-    tokens = text_encoder.tokenize(captions).to(device)
-    length = tokens.shape[1]
-    x = tower.token_embedding(tokens) + tower.positional_embedding[:length]
-    causal = tower.attn_mask[:length, :length].to(device=device, dtype=x.dtype)
-    keys_kept = padding_attention_mask(tokens).bool()  # [B, L]
-    key_mask = torch.zeros(keys_kept.shape, dtype=x.dtype, device=device).masked_fill(
-        ~keys_kept, float("-inf")
-    )
-    # [B·heads, L, L]: the causal mask plus the padding keys (key 0, the start token, always stays open).
-    mask = (causal[None] + key_mask[:, None, :]).repeat_interleave(tower.heads, dim=0)
-    hidden = tower.ln_final(tower.transformer(x, attn_mask=mask))
-    pooled = hidden[torch.arange(hidden.shape[0], device=device), tokens.argmax(dim=-1)]
-    if tower.text_projection is not None:
-        pooled = pooled @ tower.text_projection
-    return hidden, pooled
-
-
-class PaddingMaskedTextEncoder:
-    """Our ``TextEncoder`` with the contract's signature, computing states the way diffusers' pipelines do.
-
-    ``captions: list[str] -> (hidden [B, 77, width], pooled [B, embed_dim])``; see the module docstring.
-    """
-
-    def __init__(self, text_encoder: TextEncoder):
-        if not isinstance(text_encoder, TextEncoder):
-            raise TypeError(
-                f"PaddingMaskedTextEncoder wraps models.text_encoder.TextEncoder, got {type(text_encoder).__name__}"
-            )
-        check_convertible(text_encoder)
-        self.text_encoder = text_encoder
-        self.width = text_encoder.width
-
-    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        return padding_masked_states(self.text_encoder, captions)
+    return encoder.requires_grad_(False).eval(), kwargs

@@ -10,13 +10,12 @@ the end-of-word mark ``</w>``, the 48,894 merges in rank order, then start/end o
 49407; transformers names them ``<|startoftext|>``/``<|endoftext|>`` where open_clip says
 ``<start_of_text>``/``<end_of_text>``). Truncation agrees too (start + first 75 tokens + end).
 
-Padding: open_clip pads with id 0, which is the symbol ``!``. The LAION and Stability tokenizer folders
-on the Hub reproduce that by declaring ``pad_token="!"`` (the default here). transformers then treats
-``!`` as a special token, so a literal ``!`` in a caption becomes id 0 instead of open_clip's 256
-(``!</w>``) — the known quirk of those public folders (diffusers issue #4153). Pass
-``pad_token="<|endoftext|>"`` to tokenize ``!`` like open_clip at the price of padding with 49407
-(the OpenAI CLIP folders' choice). Differences that remain either way: open_clip also runs ``ftfy``
-and HTML-unescaping on captions; transformers' CLIP normaliser only folds whitespace and case.
+Padding: the folder declares the padding token our ``TextEncoder`` pads with (its ``pad_token_id``):
+``<|endoftext|>`` (49407) as the public Würstchen v2 folders do (the default), or ``!`` (id 0), as some
+other CLIP folders do. With ``!`` declared, transformers treats it as a special token, so a literal ``!``
+in a caption becomes id 0 instead of open_clip's 256 (``!</w>``) — the known quirk of those folders
+(diffusers issue #4153). Differences that remain either way: open_clip also runs ``ftfy`` and
+HTML-unescaping on captions; transformers' CLIP normaliser only folds whitespace and case.
 """
 
 from __future__ import annotations
@@ -76,12 +75,21 @@ def open_clip_vocab_and_merges(bpe_path: str | Path | None = None) -> tuple[dict
     return vocab, merges
 
 
+def token_of_id(token_id: int, bpe_path: str | Path | None = None) -> str:
+    """The vocabulary entry of ``token_id`` (e.g. 49407 → ``<|endoftext|>``, 0 → ``!``)."""
+    vocab, _ = open_clip_vocab_and_merges(bpe_path)
+    tokens = {index: token for token, index in vocab.items()}
+    if token_id not in tokens:
+        raise ValueError(f"token id {token_id} is not in the CLIP vocabulary [0, {VOCAB_SIZE})")
+    return tokens[token_id]
+
+
 def write_clip_tokenizer(
     out_dir: str | Path,
     *,
     bpe_path: str | Path | None = None,
     context_length: int = 77,
-    pad_token: str = "!",
+    pad_token: str = EOS_TOKEN,
 ) -> Path:
     """Write ``vocab.json``, ``merges.txt``, ``tokenizer_config.json`` and ``special_tokens_map.json``.
 

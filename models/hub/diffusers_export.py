@@ -34,7 +34,7 @@ from wurst.models.hub.clip_text_model import (
     clip_text_config,
     to_transformers_state_dict,
 )
-from wurst.models.hub.clip_tokenizer import write_clip_tokenizer
+from wurst.models.hub.clip_tokenizer import token_of_id, write_clip_tokenizer
 from wurst.models.hub.layout import (
     COMBINED_FOLDERS,
     COMBINED_PIPELINE,
@@ -152,8 +152,10 @@ def _write_text_encoder(
     write_safetensors(encoder_folder / TRANSFORMERS_WEIGHTS, _cast(state, dtype))
     if projection is not None:
         write_safetensors(encoder_folder / TEXT_PROJECTION_FILE, {"weight": projection.to(dtype)})
-    # open_clip's own BPE vocabulary, padding with id 0 like open_clip (see models/hub/clip_tokenizer.py).
-    write_clip_tokenizer(tokenizer_folder, context_length=text_encoder.context_length)
+    # open_clip's own BPE vocabulary, padding with the id our text encoder pads with (clip_tokenizer.py).
+    write_clip_tokenizer(
+        tokenizer_folder, context_length=text_encoder.context_length, pad_token=token_of_id(text_encoder.pad_token_id)
+    )
     return int(text_encoder.width)
 
 

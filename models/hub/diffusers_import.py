@@ -32,10 +32,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from wurst.models.diffusers_compat import from_diffusers
 from wurst.models.hub.clip_text_model import (
-    PAD_TOKEN_ID,
     TEXT_PROJECTION_FILE,
-    from_transformers_state_dict,
-    text_encoder_kwargs,
+    transformers_to_open_clip,
 )
 from wurst.models.hub.diffusers_export import (
     HAND_OFF_FILE,
@@ -244,55 +242,50 @@ def load_stage(
 
 
 def load_text_encoder(component: Component, dtype: torch.dtype = torch.float32) -> tuple[TextEncoder, dict]:
-    """The folder's transformers CLIP text model as our ``TextEncoder`` (weights copied) and its kwargs."""
+    """The folder's transformers CLIP text model as our ``TextEncoder`` (weights copied, padding with the
+    tokenizer folder's ``pad_token_id``) and its kwargs."""
     folder = component.text_encoder
     config = CLIPTextConfig.from_pretrained(folder)
     with_projection = "CLIPTextModelWithProjection" in (config.architectures or [])
     model_cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     model = model_cls.from_pretrained(folder, dtype=dtype).eval()
-    state = dict(model.state_dict())
-    projection = state.get("text_projection.weight")
-    if projection is None and (folder / TEXT_PROJECTION_FILE).is_file():
+    projection = None
+    if "text_projection.weight" not in model.state_dict() and (folder / TEXT_PROJECTION_FILE).is_file():
         projection = load_file(str(folder / TEXT_PROJECTION_FILE))["weight"].to(dtype)
-    embed_dim = int(projection.shape[0]) if projection is not None else None
     name = Path(str(getattr(config, "_name_or_path", "") or folder)).name or "clip-text"
-    kwargs = text_encoder_kwargs(config, model_name=f"imported-{name}", embed_dim=embed_dim)
-    ours_state = from_transformers_state_dict(state, int(config.num_hidden_layers), projection)
-    with torch.device("meta"):
-        encoder = TextEncoder(**kwargs)
-    encoder.load_state_dict(ours_state, strict=True, assign=True)
-    encoder.text.attn_mask = encoder.text.build_causal_mask()
-    return encoder.requires_grad_(False).eval(), kwargs
+    return transformers_to_open_clip(model, tokenizer_pad_token_id(component), projection, f"imported-{name}")
+
+
+def tokenizer_pad_token_id(component: Component) -> int:
+    """The padding id of the folder's tokenizer, which the pipelines pad prompts with (never assumed)."""
+    tokenizer = CLIPTokenizer.from_pretrained(component.tokenizer)
+    if tokenizer.pad_token_id is None:
+        raise ValueError(
+            f"the tokenizer in {component.tokenizer} declares no pad_token; diffusers' pipelines pad prompts to "
+            "77 tokens with it, so the folder cannot be run as published"
+        )
+    return int(tokenizer.pad_token_id)
 
 
 def check_tokenizer(component: Component, text_encoder: TextEncoder) -> dict[str, Any]:
-    """Compare the folder's tokenizer with open_clip's (which our TextEncoder uses): same ids on captions, and
-    the padding id. Raises when captions tokenise differently; returns what was found for the provenance."""
+    """Compare the folder's tokenizer with ours (open_clip's BPE, padded with the folder's pad id): the same
+    ids at all positions on probe captions. Raises when they differ; returns what was found for the provenance."""
     tokenizer = CLIPTokenizer.from_pretrained(component.tokenizer)
     length = text_encoder.context_length
     theirs = tokenizer(
         list(PROBE_CAPTIONS), padding="max_length", max_length=length, truncation=True, return_tensors="pt"
     ).input_ids
     ours = text_encoder.tokenize(list(PROBE_CAPTIONS))
-    real = torch.arange(length)[None] <= ours.argmax(dim=-1)[:, None]  # start … end-of-text
-    if theirs.shape != ours.shape or not torch.equal(theirs[real], ours[real]):
+    if theirs.shape != ours.shape or not torch.equal(theirs, ours):
         raise ValueError(
             f"the tokenizer in {component.tokenizer} does not give open_clip's CLIP BPE ids, which our TextEncoder "
             "uses; only CLIP-BPE text encoders (OpenAI/LAION CLIP) can be imported"
         )
-    pad_id = int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else None
-    report = {
+    return {
         "pad_token": tokenizer.pad_token,
-        "pad_token_id": pad_id,
+        "pad_token_id": int(tokenizer.pad_token_id),
         "model_max_length": tokenizer.model_max_length,
     }
-    if pad_id != PAD_TOKEN_ID:
-        report["note"] = (
-            f"the folder's tokenizer pads with id {pad_id}, open_clip (our TextEncoder) with {PAD_TOKEN_ID}: text states "
-            "at padding positions differ from the diffusers pipeline's"
-        )
-        log.warning("%s: %s", component.tokenizer, report["note"])
-    return report
 
 
 def check_scheduler(stage: str, component: Component) -> None:

@@ -1,20 +1,23 @@
-"""open_clip text tower ↔ transformers CLIPTextModel: same states from the same weights."""
+"""open_clip text tower ↔ transformers CLIPTextModel: same states from the same weights.
+
+The reference is what diffusers' Würstchen pipelines run: a ``CLIPTokenizer`` folder called with
+padding="max_length", truncation=True, and the ``CLIPTextModel`` called with the tokenizer's ids *and*
+``attention_mask``. Our ``TextEncoder`` must give the same states at all 77 positions.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import CLIPTextModel
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from wurst.models.hub.clip_text_model import (
-    PaddingMaskedTextEncoder,
     clip_text_config,
     open_clip_to_transformers,
-    padding_attention_mask,
-    padding_masked_states,
     to_transformers_state_dict,
     transformers_to_open_clip,
 )
+from wurst.models.hub.clip_tokenizer import token_of_id, write_clip_tokenizer
 from wurst.models.text_encoder import TextEncoder
 
 CAPTIONS = [
@@ -25,13 +28,22 @@ CAPTIONS = [
 TOLERANCE = 1e-5  # the acceptance bound (float32 CPU); measured ≈ 2e-6 for these towers
 
 
-def tiny_encoder(quick_gelu: bool = False, embed_dim: int = 48, seed: int = 0) -> TextEncoder:
+def tiny_encoder(quick_gelu: bool = False, embed_dim: int = 48, seed: int = 0, pad_token_id: int = 49407) -> TextEncoder:
     torch.manual_seed(seed)
     text_cfg = {"width": 64, "layers": 2, "heads": 4, "context_length": 77, "vocab_size": 49408}
     return TextEncoder(
         model_name="tiny-clip-text",
         model_cfg={"embed_dim": embed_dim, "quick_gelu": quick_gelu, "text_cfg": text_cfg},
+        pad_token_id=pad_token_id,
     )
+
+
+def diffusers_text_states(tokenizer: CLIPTokenizer, model, captions: list[str]):
+    """The text conditioning as diffusers' Würstchen pipelines compute it (``encode_prompt``)."""
+    inputs = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                       return_tensors="pt")
+    with torch.no_grad():
+        return inputs.input_ids, model(inputs.input_ids, attention_mask=inputs.attention_mask)
 
 
 @pytest.fixture(scope="module")
@@ -44,17 +56,33 @@ def converted(encoder):
     return open_clip_to_transformers(encoder)
 
 
+@pytest.mark.parametrize("pad_token_id", [49407, 0], ids=["<|endoftext|> (public v2 folders)", "! (other CLIP folders)"])
 @pytest.mark.parametrize(
     "quick_gelu", [False, True], ids=["gelu (LAION ViT-H/bigG)", "quick_gelu (OpenAI CLIP)"]
 )
-def test_transformers_hidden_states_and_pooled_equal_open_clip_within_1e_5(quick_gelu):
-    encoder = tiny_encoder(quick_gelu)
+def test_our_states_equal_the_diffusers_pipelines_text_conditioning_at_all_77_positions(quick_gelu, pad_token_id, tmp_path):
+    encoder = tiny_encoder(quick_gelu, pad_token_id=pad_token_id)
     model = open_clip_to_transformers(encoder)
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp_path, pad_token=token_of_id(pad_token_id)))
+    ids, output = diffusers_text_states(tokenizer, model, CAPTIONS)
     hidden, pooled = encoder(CAPTIONS)
-    output = model(encoder.tokenize(CAPTIONS))  # no attention mask: causal only, like open_clip
     assert model.config.hidden_act == ("quick_gelu" if quick_gelu else "gelu")
+    assert torch.equal(encoder.tokenize(CAPTIONS), ids)
+    assert (ids[1, 2:] == pad_token_id).all()  # "" pads with the folder's id
     assert (output.last_hidden_state - hidden).abs().max() < TOLERANCE
     assert (output.text_embeds - pooled).abs().max() < TOLERANCE
+
+
+def test_padding_keys_are_masked_so_states_do_not_depend_on_what_fills_the_padding():
+    """Without the key mask (open_clip's own tower) the states of "" would change with the pad id."""
+    with_eot, with_zero = tiny_encoder(pad_token_id=49407), tiny_encoder(pad_token_id=0)
+    hidden_eot, pooled_eot = with_eot(CAPTIONS[:2])
+    hidden_zero, pooled_zero = with_zero(CAPTIONS[:2])
+    end = int(with_eot.end_of_text_index(with_eot.tokenize(CAPTIONS[:1]))[0])
+    assert (hidden_eot[0, : end + 1] - hidden_zero[0, : end + 1]).abs().max() < TOLERANCE
+    assert (pooled_eot - pooled_zero).abs().max() < TOLERANCE
+    # at padding positions the token embedding itself differs (49407 vs 0), so the states differ there
+    assert (hidden_eot[0, end + 1 :] - hidden_zero[0, end + 1 :]).abs().max() > 0.01
 
 
 def test_config_pools_the_first_end_of_text_token(converted):
@@ -75,43 +103,30 @@ def test_weights_use_the_public_text_model_layout(encoder, tmp_path):
         {k: v for k, v in state.items() if k != "text_projection.weight"}, str(tmp_path / "model.safetensors")
     )
     loaded = CLIPTextModel.from_pretrained(tmp_path).eval()
-    tokens = encoder.tokenize(CAPTIONS)
-    assert (loaded(tokens).last_hidden_state - encoder(CAPTIONS)[0]).abs().max() < TOLERANCE
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp_path / "tokenizer"))
+    _, output = diffusers_text_states(tokenizer, loaded, CAPTIONS)
+    assert (output.last_hidden_state - encoder(CAPTIONS)[0]).abs().max() < TOLERANCE
 
 
 def test_converting_back_to_open_clip_gives_identical_states(encoder, converted):
-    back = transformers_to_open_clip(converted)
+    back, kwargs = transformers_to_open_clip(converted, pad_token_id=encoder.pad_token_id)
+    assert kwargs["pad_token_id"] == encoder.pad_token_id
     assert all(torch.equal(back.state_dict()[k], v) for k, v in encoder.state_dict().items())
     assert torch.equal(back(CAPTIONS)[0], encoder(CAPTIONS)[0])
 
 
-def test_a_text_model_without_projection_pools_like_its_pooler_output(encoder):
+def test_a_text_model_without_projection_pools_like_its_pooler_output(encoder, tmp_path):
     plain = open_clip_to_transformers(encoder, with_projection=False)
-    back = transformers_to_open_clip(plain)
+    back, _ = transformers_to_open_clip(plain, pad_token_id=49407)
     _, pooled = back(CAPTIONS)
-    assert (pooled - plain(encoder.tokenize(CAPTIONS)).pooler_output).abs().max() < TOLERANCE
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp_path))
+    _, output = diffusers_text_states(tokenizer, plain, CAPTIONS)
+    assert (pooled - output.pooler_output).abs().max() < TOLERANCE
 
 
 def test_attention_mask_covers_start_to_end_of_text(encoder):
     tokens = encoder.tokenize(["a cat", ""])
-    assert padding_attention_mask(tokens).sum(dim=1).tolist() == [4, 2]  # <start> a cat <end>; <start> <end>
-
-
-def test_padding_masked_states_equal_transformers_with_the_tokenizers_attention_mask(encoder, converted):
-    tokens = encoder.tokenize(CAPTIONS)
-    expected = converted(tokens, attention_mask=padding_attention_mask(tokens))
-    hidden, pooled = PaddingMaskedTextEncoder(encoder)(CAPTIONS)
-    assert (hidden - expected.last_hidden_state).abs().max() < TOLERANCE
-    assert (pooled - expected.text_embeds).abs().max() < TOLERANCE
-
-
-def test_open_clip_and_masked_states_agree_through_end_of_text_and_differ_on_padding(encoder):
-    """The one convention no conversion removes (diffusers passes the attention mask; open_clip has none)."""
-    plain, _ = encoder(CAPTIONS[:1])
-    masked, _ = padding_masked_states(encoder, CAPTIONS[:1])
-    end = int(encoder.tokenize(CAPTIONS[:1]).argmax())
-    assert (plain[0, : end + 1] - masked[0, : end + 1]).abs().max() < TOLERANCE
-    assert (plain[0, end + 1 :] - masked[0, end + 1 :]).abs().max() > 0.1
+    assert encoder.attention_mask(tokens).sum(dim=1).tolist() == [4, 2]  # <start> a cat <end>; <start> <end>
 
 
 def test_a_tower_with_layer_scale_is_refused_with_the_reason():

@@ -45,8 +45,16 @@ def test_writes_the_transformers_tokenizer_files(tokenizer_dir):
     assert (vocab["<|startoftext|>"], vocab["<|endoftext|>"], vocab["!"]) == (49406, 49407, 0)
 
 
-def test_ids_equal_open_clip_including_zero_padding(hf_tokenizer):
-    assert torch.equal(hf_ids(hf_tokenizer, CAPTIONS), open_clip.tokenize(CAPTIONS))
+def test_ids_equal_open_clip_up_to_the_end_token_then_pad_with_end_of_text(hf_tokenizer):
+    ours, theirs = hf_ids(hf_tokenizer, CAPTIONS), open_clip.tokenize(CAPTIONS)  # open_clip pads with 0
+    kept = torch.arange(77)[None] <= (theirs == 49407).int().argmax(dim=-1)[:, None]
+    assert torch.equal(ours[kept], theirs[kept])
+    assert (ours[~kept] == 49407).all()
+
+
+def test_exclamation_padding_gives_open_clips_zero_padding(tmp_path):
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp_path, pad_token="!"))
+    assert torch.equal(hf_ids(tokenizer, CAPTIONS), open_clip.tokenize(CAPTIONS))
 
 
 def test_long_captions_truncate_like_open_clip(hf_tokenizer):
@@ -56,15 +64,15 @@ def test_long_captions_truncate_like_open_clip(hf_tokenizer):
     assert torch.equal(ours, theirs)
 
 
-def test_default_pad_token_reproduces_the_laion_exclamation_quirk(hf_tokenizer):
-    # Documented behaviour of the public LAION/Stability folders: '!' is the pad token, so it maps to 0.
-    assert hf_ids(hf_tokenizer, ["wow!"])[0, 2].item() == 0
+def test_exclamation_pad_token_reproduces_the_known_quirk(tmp_path):
+    # Documented behaviour of folders that declare '!' as the pad token: a literal '!' maps to 0.
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp_path, pad_token="!"))
+    assert hf_ids(tokenizer, ["wow!"])[0, 2].item() == 0
     assert open_clip.tokenize(["wow!"])[0, 2].item() == 256
 
 
-def test_eos_pad_token_tokenizes_exclamation_like_open_clip(tmp_path):
-    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp_path, pad_token="<|endoftext|>"))
-    ours, theirs = hf_ids(tokenizer, ["wow! look!"]), open_clip.tokenize(["wow! look!"])
+def test_default_eos_pad_token_tokenizes_exclamation_like_open_clip(hf_tokenizer):
+    ours, theirs = hf_ids(hf_tokenizer, ["wow! look!"]), open_clip.tokenize(["wow! look!"])
     length = int((theirs[0] == 49407).nonzero()[0]) + 1
     assert torch.equal(ours[0, :length], theirs[0, :length])
     assert (ours[0, length:] == 49407).all()

@@ -14,7 +14,6 @@ from huggingface_hub import ModelCard
 from safetensors import safe_open
 
 from wurst.models.cascade import CascadeSampler
-from wurst.models.hub.clip_text_model import PaddingMaskedTextEncoder
 from wurst.models.hub.diffusers_export import export_pipeline
 from wurst.models.hub.pipeline_dir import MissingStageError, read_network, read_text_encoder, write_json
 
@@ -46,9 +45,8 @@ def our_stages(tiny_pipeline_dir) -> dict:
         "stage_a": read_network(export["a"]),
         "stage_b": read_network(export["b"]),
         "stage_c": read_network(export["c"]),
-        # diffusers' pipelines mask padding keys (see models/hub/clip_text_model.py); so does this wrapper.
-        "text_encoder_b": PaddingMaskedTextEncoder(read_text_encoder(export["b"])),
-        "text_encoder_c": PaddingMaskedTextEncoder(read_text_encoder(export["c"])),
+        "text_encoder_b": read_text_encoder(export["b"]),
+        "text_encoder_c": read_text_encoder(export["c"]),
     }
 
 

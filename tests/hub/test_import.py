@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from wurst.models.cascade import CascadeSampler
-from wurst.models.hub.clip_text_model import PaddingMaskedTextEncoder
 from wurst.models.hub.clip_tokenizer import write_clip_tokenizer
 from wurst.models.hub.diffusers_import import hub_allow_patterns, import_diffusers
 from wurst.models.hub.pipeline_dir import read_network, read_provenance, read_text_encoder
@@ -143,8 +142,8 @@ def our_cascade(pipeline_dir: Path, **settings) -> CascadeSampler:
         stage_c=read_network(export_dir(pipeline_dir, "c")),
         stage_b=read_network(export_dir(pipeline_dir, "b")),
         stage_a=read_network(export_dir(pipeline_dir, "a")),
-        text_encoder_c=PaddingMaskedTextEncoder(read_text_encoder(export_dir(pipeline_dir, "c"))),
-        text_encoder_b=PaddingMaskedTextEncoder(read_text_encoder(export_dir(pipeline_dir, "b"))),
+        text_encoder_c=read_text_encoder(export_dir(pipeline_dir, "c")),
+        text_encoder_b=read_text_encoder(export_dir(pipeline_dir, "b")),
         **settings,
     )
 
@@ -179,9 +178,8 @@ def test_imported_text_encoders_give_the_clip_text_models_states(
     )
     for stage, name in (("c", "text_c"), ("b", "text_b")):
         hidden, _ = read_text_encoder(export_dir(imported_dir, stage))([PROMPT, ""])
-        expected = diffusers_parts[name](
-            tokens.input_ids
-        ).last_hidden_state  # no mask: open_clip's convention
+        # as diffusers' pipelines call it: the tokenizer's ids and attention mask
+        expected = diffusers_parts[name](tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
         assert (hidden - expected).abs().max() < 1e-5
 
 
@@ -190,7 +188,7 @@ def test_provenance_says_where_the_weights_came_from(imported_dir, saved_folder)
     assert provenance["imported_from"]["source"] == str(saved_folder)
     assert provenance["phase"] == "imported" and provenance["steps"] is None
     assert "accounting" not in provenance  # the cost of someone else's training is unknown, not zero
-    assert provenance["tokenizer"]["pad_token_id"] == 0
+    assert provenance["tokenizer"]["pad_token_id"] == 49407  # the folder's tokenizer's, as written
     assert "compressor" in read_provenance(export_dir(imported_dir, "b"))  # the note that none was imported
 
 
