@@ -224,6 +224,10 @@ def train_stage(cfg: DictConfig) -> dict[str, Any]:
     """Trains ``cfg.stage`` into ``cfg.run_dir``; returns the final metrics."""
     if cfg.get("stage") is None:
         raise ValueError("no stage selected: pass stage=a|b|c or an experiment that selects one")
+    max_steps = OmegaConf.select(cfg, "trainer.max_steps")
+    if max_steps is not None and int(max_steps) <= 0:  # 0 would export untrained weights; -1 never ends
+        raise ValueError(f"trainer.max_steps={max_steps}: a stage run needs a positive number of optimizer steps, "
+                         "e.g. trainer.max_steps=1000 (nothing was trained or written)")
     check_stage_inputs(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
