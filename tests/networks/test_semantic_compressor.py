@@ -4,18 +4,19 @@ checkpoint format, not against ourselves."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import safetensors.torch
 import torch
 import torchvision
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 from torchvision.models._api import WeightsEnum
 
 from wurst.models.hub.pipeline_dir import build_network
 from wurst.models.semantic_compressor import SemanticCompressor
-
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def _build(conf: dict) -> SemanticCompressor:
@@ -32,14 +33,12 @@ def torchvision_v2_s() -> nn.Module:
     """torchvision's full efficientnet_v2_s classifier (random weights): what a downloaded .pth holds."""
     generator = torch.Generator().manual_seed(5)
     model = torchvision.models.efficientnet_v2_s().eval()
-    with torch.no_grad():
+    with torch.no_grad():  # non-default BatchNorm statistics, so that a load that skipped them shows
         for name, tensor in model.state_dict().items():
-            if name.endswith(
-                ("running_mean", "running_var")
-            ):  # non-default statistics, so a skipped load shows
-                tensor.copy_(
-                    torch.rand(tensor.shape, generator=generator) + (0.5 if name.endswith("var") else 0.0)
-                )
+            if name.endswith("running_mean"):
+                tensor.copy_(torch.rand(tensor.shape, generator=generator))
+            elif name.endswith("running_var"):
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
     return model
 
 
@@ -159,6 +158,17 @@ def test_pretrained_true_loads_torchvisions_imagenet_weights(monkeypatch, compre
     torch.testing.assert_close(
         ours.backbone.state_dict(), torchvision_v2_s.features.state_dict(), atol=0, rtol=0
     )
+
+
+@pytest.mark.parametrize("env", [None, "/weights/efficientnet_v2_s-dd5fe13b.pth"])
+def test_paper_config_takes_local_imagenet_weights_from_wurst_effnet_weights(monkeypatch, env):
+    """Unset: torchvision fetches (or finds in $TORCH_HOME) its ImageNet weights; set: the local file."""
+    if env is None:
+        monkeypatch.delenv("WURST_EFFNET_WEIGHTS", raising=False)
+    else:
+        monkeypatch.setenv("WURST_EFFNET_WEIGHTS", env)
+    conf = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf/model/compressor/paper.yaml")
+    assert conf.pretrained == (True if env is None else env)
 
 
 # ----- bad inputs -------------------------------------------------------------------------------------
