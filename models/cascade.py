@@ -47,7 +47,7 @@ PRIOR_T_GRID = "v2"
 PRIOR_GUIDANCE_SCALE = 4.0
 DECODER_T_GRID = "linear"
 DECODER_STEPS = 12
-DECODER_GUIDANCE_SCALE = 4.0
+DECODER_GUIDANCE_SCALE = 0.0  # the released call runs Stage B unguided
 
 
 @dataclass(eq=False)
@@ -509,3 +509,40 @@ def _eval_mode(*modules: Any) -> Iterator[None]:
     finally:
         for module, was_training in flags:
             module.training = was_training
+
+
+def check_cascade_configs(
+    configs: dict[str, dict[str, Any]],
+    *,
+    compressor: dict[str, Any] | None = None,
+    text_widths: dict[str, int] | None = None,
+    source: str = "the cascade",
+) -> None:
+    """Refuse three stage configs (``{"a": …, "b": …, "c": …}``, constructor kwargs) that cannot run as one
+    cascade, before any weight is read: the latents each stage hands to the next must have the channels the
+    next one takes (and the text states the widths the stages cross-attend to, when ``text_widths`` gives
+    them: ``{"b": CLIP-H width, "c": CLIP-bigG width}``)."""
+    a, b, c = configs["a"], configs["b"], configs["c"]
+    problems = []
+    injects = any(b.get("inject_effnet", [True]))  # without injection Stage B never reads z (diffusers alike)
+    if injects and c.get("c_in") != b.get("effnet_embd"):
+        problems.append(
+            f"Stage C samples {c.get('c_in')}-channel semantic latents but Stage B's effnet mappers take "
+            f"effnet_embd={b.get('effnet_embd')}"
+        )
+    if injects and compressor is not None and compressor.get("c_latent", b.get("effnet_embd")) != b.get("effnet_embd"):
+        problems.append(
+            f"the compressor writes c_latent={compressor.get('c_latent')} channels but Stage B takes "
+            f"effnet_embd={b.get('effnet_embd')}"
+        )
+    if b.get("c_in") != a.get("latent_channels"):
+        problems.append(
+            f"Stage B models {b.get('c_in')}-channel latents but Stage A's are {a.get('latent_channels')}-channel"
+        )
+    for stage, key in (("b", "clip_embd"), ("c", "c_cond")):
+        width = (text_widths or {}).get(stage)
+        if width is not None and configs[stage].get(key) != width:
+            problems.append(f"Stage {stage.upper()} cross-attends to {key}={configs[stage].get(key)} but its text "
+                            f"encoder is {width} wide")
+    if problems:
+        raise ValueError(f"{source} cannot run as one cascade: " + "; ".join(problems))

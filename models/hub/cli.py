@@ -4,6 +4,11 @@
                  [overwrite=true dtype=float32|float16|bfloat16 license=mit model_name=... datasets=<id>,<id>]
     wurst-export import <diffusers_dir_or_hub_id> out=<pipeline_dir> [prior=<dir_or_id>] [revision=...]
                  [overwrite=true dtype=float32]
+    wurst-export import <dir with the released .pt files> out=<pipeline_dir> [stage_a=paper stage_b=paper
+                 stage_c=paper compressor=paper text_encoder_b=paper_clip_h text_encoder_c=paper] [overwrite=true]
+                 (vqgan_f4_v1_500k.pt, model_v2_stage_b.pt with the compressor, model_v3_stage_c.pt; each
+                 config is a conf/model/<part>/<name>.yaml name or a yaml path; the text encoder configs name
+                 their pretrained weights, e.g. a local open_clip checkpoint on an offline cluster)
     wurst-export push <exported_dir> repo_id=<owner>/<name> [private=true revision=<branch>]
 
 Exporting with ``push=true`` resolves the token (``HF_TOKEN`` or ``hf auth login``) before anything is
@@ -15,11 +20,24 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("wurst-export")
 
 TRUE, FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+# Importing the released .pt files: option → (conf/model group, default config). The checkpoints hold no
+# configs, so the networks are the paper's unless told otherwise.
+OFFICIAL_CONFIGS = {
+    "stage_a": ("stage_a", "paper"),
+    "stage_b": ("stage_b", "paper"),
+    "stage_c": ("stage_c", "paper"),
+    "compressor": ("compressor", "paper"),
+    "text_encoder_b": ("text_encoder", "paper_clip_h"),
+    "text_encoder_c": ("text_encoder", "paper"),
+}
+# The repository's conf/ (models/ must not import train, which names the same folder for Hydra).
+CONF_MODEL_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
 OPTIONS = {
     "export": {
         "out",
@@ -33,7 +51,7 @@ OPTIONS = {
         "model_name",
         "datasets",
     },
-    "import": {"out", "prior", "revision", "overwrite", "dtype"},
+    "import": {"out", "prior", "revision", "overwrite", "dtype", *OFFICIAL_CONFIGS},
     "push": {"repo_id", "private", "revision"},
 }
 BOOLEANS = {"push", "private", "overwrite"}
@@ -83,6 +101,20 @@ def parse(argv: Sequence[str]) -> tuple[str, str, dict[str, Any]]:
     return command, positional[0], options
 
 
+def official_config(part: str, name_or_path: str | None) -> dict[str, Any]:
+    """The constructor config for one part of an official import: a conf/model name or a yaml path."""
+    from omegaconf import OmegaConf
+
+    group, default = OFFICIAL_CONFIGS[part]
+    path = Path(name_or_path) if name_or_path else CONF_MODEL_DIR / group / f"{default}.yaml"
+    if not path.is_file():
+        path = CONF_MODEL_DIR / group / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONF_MODEL_DIR / group).glob("*.yaml"))
+        raise UsageError(f"{part}={name_or_path!r} is neither a yaml file nor one of conf/model/{group}: {known}")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
 def run(command: str, positional: str, options: dict[str, Any]) -> Any:
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -102,8 +134,26 @@ def run(command: str, positional: str, options: dict[str, Any]) -> Any:
         except HfHubHTTPError as error:
             raise RuntimeError(f"upload to {options['repo_id']} failed: {error}") from error
     if command == "import":
-        from wurst.models.hub.diffusers_import import import_diffusers
+        from wurst.models.hub.diffusers_import import DTYPES, import_diffusers
+        from wurst.models.hub.official_import import has_official_checkpoints, import_official
 
+        if has_official_checkpoints(positional):
+            if options.get("prior") or options.get("revision"):
+                raise UsageError("prior= and revision= apply to diffusers folders, not to the released .pt files")
+            configs = {part: official_config(part, options.get(part)) for part in OFFICIAL_CONFIGS}
+            dtype = options.get("dtype", "float32")
+            if dtype not in DTYPES:
+                raise UsageError(f"dtype={dtype!r}: use one of {sorted(DTYPES)}")
+            return import_official(
+                positional, options["out"], configs=configs, overwrite=options.get("overwrite", False),
+                dtype=DTYPES[dtype],
+            )
+        given = sorted(set(options) & set(OFFICIAL_CONFIGS))
+        if given:
+            raise UsageError(
+                f"{given} apply to a folder of the released .pt files; {positional} is a diffusers folder or Hub "
+                "id, whose configs come with it"
+            )
         return import_diffusers(
             positional,
             options["out"],

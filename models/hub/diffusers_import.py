@@ -30,6 +30,7 @@ from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenD
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from wurst.models.cascade import check_cascade_configs
 from wurst.models.diffusers_compat import from_diffusers
 from wurst.models.hub.clip_text_model import (
     TEXT_PROJECTION_FILE,
@@ -346,6 +347,19 @@ def _provenance(
     return provenance
 
 
+def check_cascade_fits(components: dict[str, Component], folder: Path) -> None:
+    """Refuse, before any weight is read, a folder whose networks cannot run as one cascade here (latent
+    channels or text widths that do not meet): an import that succeeds generates."""
+    configs, widths = {}, {}
+    for stage, component in components.items():
+        if not (component.network / DIFFUSERS_CONFIG).is_file():
+            return  # load_stage names the missing file
+        configs[stage] = dict(DIFFUSERS_CLASSES[stage].load_config(component.network))
+        if component.text_encoder is not None and (component.text_encoder / DIFFUSERS_CONFIG).is_file():
+            widths[stage] = int(CLIPTextConfig.from_pretrained(component.text_encoder).hidden_size)
+    check_cascade_configs(configs, text_widths=widths, source=str(folder))
+
+
 def import_diffusers(
     source: str | Path,
     out: str | Path,
@@ -386,6 +400,7 @@ def import_diffusers(
                 key,
                 sizes[key],
             )
+    check_cascade_fits(components, folder)
     torch_dtype = DTYPES[dtype]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_dir(out)

@@ -1,16 +1,19 @@
 """Specification of the cascade sampler (captions → Stage C → Stage B → Stage A → images)."""
 
+import inspect
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from diffusers import WuerstchenCombinedPipeline
 from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior
 from diffusers.pipelines.deprecated.wuerstchen.pipeline_wuerstchen_prior import DEFAULT_STAGE_C_TIMESTEPS
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from wurst.models.cascade import CascadeSampler
+from wurst.models.samplers import resolve_t_grid
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 IMAGE_SIDE = 128  # the tiny cascade's image side: Stage C latent 16×3×3, Stage B latent 4×32×32
@@ -112,7 +115,7 @@ def test_a_size_off_the_128_grid_comes_back_at_the_cascade_size_with_a_warning(m
 @pytest.mark.slow
 def test_cascade_equals_diffusers_prior_and_decoder_pipelines_bit_for_bit(make_cascade, diffusers_pipelines):
     prior_pipe, decoder_pipe = diffusers_pipelines
-    cascade = make_cascade(prior_t_grid="v2", prior_steps=None, decoder_steps=12)  # v2 grid, w = 4 and 4
+    cascade = make_cascade(prior_t_grid="v2", prior_steps=None, decoder_steps=12, decoder_guidance_scale=4.0)
     generator = seeded(11)
     image_embeddings = prior_pipe(
         "the cat",
@@ -226,7 +229,7 @@ def test_paper_sampler_config_is_the_v2_recipe(tiny_diffusers_stages, make_text_
         stage_c=s["prior"], stage_b=s["decoder"], stage_a=s["vqgan"], text_encoder_c=text, text_encoder_b=text
     )
     assert (cascade.prior_t_grid, cascade.prior_guidance_scale) == ("v2", 4.0)
-    assert (cascade.decoder_steps, cascade.decoder_guidance_scale) == (12, 4.0)
+    assert (cascade.decoder_steps, cascade.decoder_guidance_scale) == (12, 0.0)
     hand_off = (
         cascade.latent_mean,
         cascade.latent_std,
@@ -237,9 +240,22 @@ def test_paper_sampler_config_is_the_v2_recipe(tiny_diffusers_stages, make_text_
     assert cascade.vqgan_scale_factor == pytest.approx(0.3764)  # read from Stage A
 
 
-def test_v2_model_card_config_turns_decoder_guidance_off():
-    config = sampler_config("v2_model_card")
-    assert config.decoder_guidance_scale == 0.0 and config.prior_t_grid == "v2"
+def test_the_paper_sampler_is_the_released_call_of_diffusers_combined_pipeline():
+    """The model card's call: Stage C on DEFAULT_STAGE_C_TIMESTEPS at the pipeline's prior guidance, Stage B
+    with the pipeline's own default steps and guidance (0: unguided)."""
+    defaults = {k: v.default for k, v in inspect.signature(WuerstchenCombinedPipeline.__call__).parameters.items()}
+    config = sampler_config("paper")
+    assert config["decoder_guidance_scale"] == defaults["decoder_guidance_scale"] == 0.0
+    assert config["decoder_steps"] == defaults["num_inference_steps"]
+    assert config["prior_guidance_scale"] == defaults["prior_guidance_scale"]
+    grid = resolve_t_grid(config["prior_t_grid"], config["prior_steps"])
+    assert [float(t) for t in grid] == pytest.approx([float(t) for t in DEFAULT_STAGE_C_TIMESTEPS])
+
+
+def test_the_v1_sampler_is_the_v1_papers():
+    config = sampler_config("v1")
+    assert (config["prior_t_grid"], config["prior_steps"], config["prior_guidance_scale"]) == ("linear", 60, 4.0)
+    assert (config["decoder_steps"], config["decoder_guidance_scale"]) == (12, 4.0)
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -379,3 +380,48 @@ def test_an_imported_cascade_without_compressor_can_be_exported_again(imported_d
         pipe.prior_prior.state_dict()["projection.weight"],
         load_file(str(export_dir(imported_dir, "c") / "model.safetensors"))["projection.weight"],
     )
+
+
+# ----- folders our cascade must run, or refuse at import --------------------------------------------
+def _replace_prior(saved_folder: Path, tmp_path: Path, prior: WuerstchenPrior) -> Path:
+    folder = tmp_path / "combined"
+    shutil.copytree(saved_folder, folder)
+    shutil.rmtree(folder / "prior_prior")
+    prior.save_pretrained(folder / "prior_prior")
+    return folder
+
+
+def test_a_prior_whose_latents_the_decoder_cannot_take_is_refused_at_import(saved_folder, tmp_path):
+    prior = randomise(WuerstchenPrior(c_in=2, c=32, c_cond=64, c_r=64, depth=1, nhead=2), seed=1, std=0.02)
+    folder = _replace_prior(saved_folder, tmp_path, prior)
+    with pytest.raises(ValueError, match=r"cannot run as one cascade: Stage C samples 2-channel .* effnet_embd=16"):
+        import_diffusers(folder, tmp_path / "pipeline")
+    assert not (tmp_path / "pipeline").exists()
+
+
+@pytest.mark.slow
+def test_a_decoder_that_injects_no_semantic_latents_imports_and_generates_as_diffusers_does(
+    diffusers_parts, tmp_path
+):
+    """As diffusers' own small test pipelines are built: a 2-channel prior, a decoder with no injection."""
+    p = diffusers_parts
+    prior = randomise(WuerstchenPrior(c_in=2, c=32, c_cond=64, c_r=64, depth=1, nhead=2), seed=1, std=0.02)
+    decoder = randomise(
+        WuerstchenDiffNeXt(c_in=4, c_out=4, c_r=64, patch_size=2, c_cond=32, c_hidden=[16, 32], nhead=[-1, 2],
+                           blocks=[1, 1], level_config=["CT", "CTA"], inject_effnet=[False, False], effnet_embd=16,
+                           clip_embd=64),
+        seed=2, std=0.02,
+    )
+    pipe = WuerstchenCombinedPipeline(
+        tokenizer=p["tokenizer"], text_encoder=p["text_b"], decoder=decoder, scheduler=DDPMWuerstchenScheduler(),
+        vqgan=p["vqgan"], prior_tokenizer=p["tokenizer"], prior_text_encoder=p["text_c"], prior_prior=prior,
+        prior_scheduler=DDPMWuerstchenScheduler(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path / "folder")
+    pipeline_dir = import_diffusers(tmp_path / "folder", tmp_path / "pipeline")
+    expected = pipe(PROMPT, height=IMAGE_SIDE, width=IMAGE_SIDE, prior_num_inference_steps=2, num_inference_steps=2,
+                    generator=seeded(5), output_type="pt").images
+    cascade = our_cascade(pipeline_dir, prior_t_grid="linear", prior_steps=2, decoder_steps=2)
+    images = cascade([PROMPT], IMAGE_SIDE, IMAGE_SIDE, generator=seeded(5))
+    assert (images - expected).abs().max() < IMAGE_TOLERANCE

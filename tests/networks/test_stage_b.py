@@ -100,6 +100,19 @@ def test_stage_b_weights_load_into_diffusers_and_give_the_same_noise_prediction(
         )
 
 
+def test_a_stage_b_that_injects_no_semantic_latents_runs_on_any_channels_like_diffusers(randomise):
+    """diffusers' own small test pipelines pair inject_effnet=[False] decoders with 2-channel priors: the
+    latents are never read, so diffusers runs them; a folder like that must generate here too."""
+    cfg = {**TINY_STAGE_B, "inject_effnet": [False, False]}
+    reference = randomise(WuerstchenDiffNeXt(**cfg)).eval()
+    ours = StageB(**cfg).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    x, r, _, clip = _inputs(cfg)
+    two_channels = torch.randn(x.shape[0], 2, 3, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, r, two_channels, clip), reference(x, r, two_channels, clip))
+
+
 def test_fresh_stage_b_starts_with_a_zero_output_conv_so_it_predicts_twice_the_input():
     # Official init: clf conv weights zero → a = 0, b = sigmoid(0)·(1 − 2e-3) + 1e-3 = 0.5.
     model = StageB(**TINY_STAGE_B).eval()
