@@ -172,6 +172,9 @@ class WurstDataModule(LightningDataModule):
         if self.trainer is not None and self.trainer.training and isinstance(batch, dict) and "data_position" in batch:
             self.position.advance(batch)
             self.stats.update(batch["data_stats"])
+            # Counted here, once: the running totals are ``self.stats`` (logged as data/* by
+            # train.callbacks.DataCounts); the batch's own counts cover only the worker's last batch.
+            batch = {key: value for key, value in batch.items() if key != "data_stats"}
         return batch
 
     def state_dict(self) -> dict[str, Any]:

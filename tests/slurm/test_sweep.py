@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ import yaml
 
 from wurst.slurm.sweep import collect_sweep, write_sweep_summary
 
-from .conftest import SWEEP_LRS
+from .conftest import SWEEP_LRS, VENV_BIN, tiny_hand_off
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -92,3 +94,42 @@ def test_each_sweep_member_ran_as_a_slurm_job_in_its_own_run_dir(finished_sweep)
     directives = set(script.read_text().splitlines())
     # Lightning's requeue signal (not submitit's USR2), requeueable, named for squeue
     assert {"#SBATCH --signal=USR1@60", "#SBATCH --requeue", "#SBATCH --job-name=wurst-tiny"} <= directives
+
+
+# -- a real Hydra --multirun on the basic launcher: the summary holds each member's final metrics ---
+LOCAL_STEPS, LOCAL_BATCH, TINY_WARMUP = 3, 4, 20  # conf/experiment/tiny.yaml: optim.warmup_steps=20
+
+
+@pytest.fixture(scope="module")
+def local_sweep(data_dir, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("local_sweep")
+    output_dir = tiny_hand_off(root / "outputs")
+    sweep_dir = root / "sweep"
+    argv = [str(VENV_BIN / "wurst-train"), "--multirun", "stage=c", "experiment=tiny",
+            f"optim.lr={','.join(SWEEP_LRS)}", f"paths.output_dir={output_dir}", f"paths.data_dir={data_dir}",
+            "logger=csv", "callbacks.progress_bar=false", f"trainer.max_steps={LOCAL_STEPS}", "checkpoint_every=100",
+            f"data.global_batch_size={LOCAL_BATCH}", "data.num_workers=0", f"hydra.sweep.dir={sweep_dir}"]
+    result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return sweep_dir
+
+
+@pytest.mark.slow
+def test_the_multirun_summary_shows_each_members_final_learning_rate_not_step_0s(local_sweep):
+    with open(local_sweep / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    for row, lr in zip(rows, SWEEP_LRS):
+        # linear warm-up: the last of 3 steps runs at lr x 3/20 (step 0 at lr x 1/20)
+        assert float(row["train/lr"]) == pytest.approx(float(lr) * LOCAL_STEPS / TINY_WARMUP)
+        assert float(row["train/grad_norm"]) > 0
+
+
+@pytest.mark.slow
+def test_the_multirun_summary_shows_each_members_data_totals(local_sweep):
+    with open(local_sweep / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        assert float(row["data/samples_accepted"]) == LOCAL_STEPS * LOCAL_BATCH
+        assert float(row["data/samples_read"]) >= LOCAL_STEPS * LOCAL_BATCH
