@@ -3,7 +3,9 @@
 Losses: reconstruction (L1 or L2) + VQ codebook/commitment + optional perceptual, and after
 ``disc_start`` steps a PatchGAN hinge loss whose weight adapts to the ratio of reconstruction and
 adversarial gradient norms at the decoder's last layer (Esser et al., Taming Transformers).
-Two optimisers (autoencoder, discriminator), so optimisation is manual.
+Two optimisers (autoencoder, discriminator), so optimisation is manual; both take their gradients
+from one backward pass per step, in which every parameter gets a gradient (under DDP: one gradient
+all-reduce per step, and no unused parameters before ``disc_start``).
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from wurst.models.patch_discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
-from wurst.train.diffusion_module import instantiate_network, seed_step
+from wurst.train.diffusion_module import global_mean_std, instantiate_network, seed_step
 from wurst.train.ema import EMA
 from wurst.train.recipe import build_optimizer, linear_warmup
+from wurst.train.sync_batchnorm import convert_to_sync_batchnorm, revert_sync_batchnorm
 
 
 class StageAModule(L.LightningModule):
@@ -37,6 +40,7 @@ class StageAModule(L.LightningModule):
         disc_lr: float | None = None,
         grad_clip: float | None = 1.0,
         measure_scale_factor: bool = True,
+        sync_batchnorm: bool = False,
         seed: int = 0,
         log_every: int = 10,
     ):
@@ -60,6 +64,17 @@ class StageAModule(L.LightningModule):
         self.seed = seed
         self.measure_scale_factor = bool(measure_scale_factor)
         self.register_buffer("latent_std", torch.ones(1))
+        self.replaced_batchnorms: dict[str, torch.nn.Module] = {}
+
+    def setup(self, stage: str) -> None:
+        # Before Lightning wraps the module in DDP: the latent BatchNorm normalises with the global
+        # batch's statistics, identical on every rank (train/sync_batchnorm.py).
+        if stage == "fit" and self.hparams.sync_batchnorm and self.trainer.world_size > 1:
+            self.replaced_batchnorms = convert_to_sync_batchnorm(self.network, self.trainer.strategy.root_device.type)
+
+    def teardown(self, stage: str) -> None:
+        revert_sync_batchnorm(self.network, self.replaced_batchnorms)
+        self.replaced_batchnorms = {}
 
     def configure_optimizers(self):
         opt_ae = build_optimizer([{"params": self.network.parameters()}], self.optim_cfg)
@@ -81,6 +96,12 @@ class StageAModule(L.LightningModule):
         weight = rec_grad.norm() / (g_grad.norm() + 1e-4)
         return weight.clamp(0.0, 1e4).detach() * self.hparams.disc_weight
 
+    def discriminate_fixed(self, images: torch.Tensor) -> torch.Tensor:
+        """The discriminator's logits for ``images`` with its weights detached: the generator's
+        adversarial term sends gradients to the autoencoder only."""
+        weights = {name: p.detach() for name, p in self.discriminator.named_parameters()}
+        return torch.func.functional_call(self.discriminator, weights, (images,))
+
     def on_train_batch_start(self, batch, batch_idx) -> None:
         seed_step(self.seed, self.trainer.fit_loop.epoch_loop.batch_progress.total.ready, self.global_rank)
 
@@ -96,8 +117,9 @@ class StageAModule(L.LightningModule):
         latents = self.network.encode(images)
         quantized, vq_loss, indices = self.network.quantize(latents)
         recon = self.network.decode(quantized)
+        _, batch_std = global_mean_std(latents)  # of the global batch: the same on every rank
         with torch.no_grad():  # running latent std: the scale factor Stage B divides by
-            self.latent_std.lerp_(latents.detach().float().std().reshape(1), 0.02 if step > 0 else 1.0)
+            self.latent_std.lerp_(batch_std.reshape(1), 0.02 if step > 0 else 1.0)
         if self.hparams.reconstruction == "l1":
             rec_loss = F.l1_loss(recon, images)
         else:
@@ -108,24 +130,29 @@ class StageAModule(L.LightningModule):
             self.log("train/perceptual_loss", p_loss, batch_size=images.shape[0])
         loss = rec_loss + self.hparams.vq_weight * vq_loss
         if adversarial:
-            g_loss = hinge_g_loss(self.discriminator(recon))
+            g_loss = hinge_g_loss(self.discriminate_fixed(recon))
             d_weight = self.adaptive_weight(rec_loss, g_loss)
             loss = loss + d_weight * g_loss
+            d_loss = hinge_d_loss(self.discriminator(images), self.discriminator(recon.detach()))
             self.log("train/g_loss", g_loss, batch_size=images.shape[0])
+            self.log("train/d_loss", d_loss, batch_size=images.shape[0])
+        else:
+            # Before disc_start the discriminator takes part with weight 0 and no forward pass: its
+            # gradient is zero, but it has one, so DDP (find_unused_parameters=False) reduces every
+            # bucket in every step. Its optimiser does not step until disc_start.
+            d_loss = torch.stack([p.sum() for p in self.discriminator.parameters()]).sum() * 0.0
         opt_ae.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
+        opt_d.zero_grad(set_to_none=True)
+        # The autoencoder's gradients come from `loss` only (recon is detached in d_loss), the
+        # discriminator's from `d_loss` only (its weights are detached in g_loss): one backward for both.
+        self.manual_backward(loss + d_loss)
         if self.hparams.grad_clip:
             self.clip_gradients(opt_ae, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
         opt_ae.step()
         sched_ae.step()
-
         if adversarial:
-            d_loss = hinge_d_loss(self.discriminator(images), self.discriminator(recon.detach()))
-            opt_d.zero_grad(set_to_none=True)
-            self.manual_backward(d_loss)
             opt_d.step()
             sched_d.step()
-            self.log("train/d_loss", d_loss, batch_size=images.shape[0])
 
         if self.ema is not None:
             self.ema.update(self.network, step + 1)

@@ -19,6 +19,7 @@ from wurst.models.diffusion import add_noise
 from wurst.models.samplers import linear_t_grid, sample
 from wurst.train.diffusion_module import DiffusionStageModule, instantiate_network, network_config
 from wurst.train.export import load_network, require_export
+from wurst.train.sync_batchnorm import convert_to_sync_batchnorm, revert_sync_batchnorm
 
 
 class StageBModule(DiffusionStageModule):
@@ -36,6 +37,7 @@ class StageBModule(DiffusionStageModule):
         effnet_noise_prob: float = 0.3,
         effnet_noise_t_max: float = 0.5,
         text_dropout: float = 0.05,
+        sync_batchnorm: bool = False,
         seed: int = 0,
         log_every: int = 10,
         max_bad_steps: int = 20,
@@ -56,7 +58,19 @@ class StageBModule(DiffusionStageModule):
         self.effnet_noise_prob = float(effnet_noise_prob)
         self.effnet_noise_t_max = float(effnet_noise_t_max)
         self.text_dropout = float(text_dropout)
+        self.sync_batchnorm = bool(sync_batchnorm)
+        self.replaced_batchnorms: dict[str, torch.nn.Module] = {}
         self.init_ema()
+
+    def setup(self, stage: str) -> None:
+        # Before Lightning wraps the module in DDP: the compressor, trained jointly, normalises with the
+        # global batch's statistics (the official script's SyncBatchNorm; train/sync_batchnorm.py).
+        if stage == "fit" and self.sync_batchnorm and self.trainer.world_size > 1:
+            self.replaced_batchnorms = convert_to_sync_batchnorm(self.compressor, self.trainer.strategy.root_device.type)
+
+    def teardown(self, stage: str) -> None:
+        revert_sync_batchnorm(self.compressor, self.replaced_batchnorms)
+        self.replaced_batchnorms = {}
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -73,14 +87,18 @@ class StageBModule(DiffusionStageModule):
         return groups
 
     def condition_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """The per-batch zero / noise augmentation of the compressor latents."""
-        u = torch.rand(()).item()
-        if u < self.effnet_zero_prob:
-            return torch.zeros_like(z)
-        if torch.rand(()).item() < self.effnet_noise_prob:
+        """The per-batch zero / noise augmentation of the compressor latents ``[B, 16, h, w]``.
+
+        Zeroing multiplies by 0 instead of replacing ``z``: the compressor stays in the autograd graph
+        (its gradient is zero for that batch), so under DDP every rank produces a gradient for every
+        compressor parameter whatever its own draw was, and the gradient buckets stay in step.
+        The draws (and the RNG they consume) are those of the per-batch rule in REFERENCE.md.
+        """
+        zero = torch.rand(()).item() < self.effnet_zero_prob
+        if not zero and torch.rand(()).item() < self.effnet_noise_prob:
             t = torch.rand(z.shape[0], device=z.device) * self.effnet_noise_t_max
-            return add_noise(z, t, torch.randn_like(z))
-        return z
+            z = add_noise(z, t, torch.randn_like(z))
+        return z * 0.0 if zero else z
 
     def diffusion_inputs(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, Any], int]:
         images = batch["images"]

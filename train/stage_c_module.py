@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from wurst.train.diffusion_module import DiffusionStageModule, instantiate_network
+from wurst.train.diffusion_module import DiffusionStageModule, global_mean_std, instantiate_network
 from wurst.train.export import load_network, require_export
 
 
@@ -77,8 +77,9 @@ class StageCModule(DiffusionStageModule):
     def latents_to_target(self, z: torch.Tensor) -> torch.Tensor:
         """Compressor output z → the space Stage C models: (z + latent_std) / latent_mean."""
         if self.measure_latent_stats and not bool(self.hand_off_measured):
+            mean, std = global_mean_std(z)  # of the global batch: every DDP rank keeps the same hand-off
             with torch.no_grad():
-                self.hand_off.copy_(torch.stack([z.float().std(), -z.float().mean()]))
+                self.hand_off.copy_(torch.stack([std, -mean]))
                 self.hand_off_measured.fill_(True)
         return (z + self.hand_off[1]) / self.hand_off[0]
 
