@@ -100,3 +100,18 @@ def test_under_ddp_the_totals_are_of_all_ranks_in_metrics_and_provenance(tmp_pat
     assert provenance["dataset"]["counts"]["samples_accepted"] == 3 * BATCH
     assert {k: v for k, v in provenance["metrics"].items() if k.startswith("data/")} == {
         f"data/{kind}": float(n) for kind, n in provenance["dataset"]["counts"].items()}
+
+
+@pytest.mark.slow
+def test_pipeline_json_carries_every_stages_totals(tmp_path):
+    # The A -> B -> C pipeline for 2 steps a stage: pipeline.json's per-stage metrics are the totals.
+    argv = [sys.executable, "-m", "wurst.train", "pipeline=tiny", "logger=csv", "callbacks.progress_bar=false",
+            f"paths.output_dir={tmp_path / 'out'}", f"paths.data_dir={tmp_path / 'data'}",
+            "data.synthesize.num_samples=64", "data.synthesize.num_shards=4", f"data.global_batch_size={BATCH}",
+            "data.num_workers=0", "trainer.max_steps=2", "pipeline.report.color_check=false"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((tmp_path / "out" / "tiny" / "pipeline.json").read_text())
+    assert {stage: metrics.get("data/samples_accepted") for stage, metrics in manifest["metrics"].items()} == {
+        "stage_a": 2 * BATCH, "stage_b": 2 * BATCH, "stage_c": 2 * BATCH}
