@@ -13,7 +13,7 @@ writes checkpoints and the export, so this is how a test sees the other ranks. E
 
 - ``rank<r>.safetensors``: its LightningModule's whole state dict at the end of fit (every network,
   the EMA copy, BatchNorm statistics and other buffers);
-- ``rank<r>.json``: ``{"rank", "world_size", "step", "find_unused_parameters", "batchnorm_classes"}``
+- ``rank<r>.json``: ``{"rank", "world_size", "node", "step", "find_unused_parameters", "batchnorm_classes"}``
   (the BatchNorm classes the module held while training, e.g. ``CPUSyncBatchNorm`` under DDP);
 - ``rank<r>.batches.jsonl``: ``{"step", "keys"}`` per training step (the samples it trained on);
 - ``rank<r>.draws.jsonl`` (Stage B): ``{"step", "zeroed"}`` per training step.
@@ -22,6 +22,7 @@ writes checkpoints and the export, so this is how a test sees the other ranks. E
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import lightning as L
@@ -54,6 +55,7 @@ class RankState(L.Callback):
         record = {
             "rank": rank,
             "world_size": trainer.world_size,
+            "node": os.environ.get("SLURMD_NODENAME"),  # under SLURM
             "step": trainer.global_step,
             "find_unused_parameters": getattr(trainer.strategy.model, "find_unused_parameters", None),
             "batchnorm_classes": self.batchnorm_classes,
