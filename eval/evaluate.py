@@ -1,6 +1,8 @@
 """One evaluation run: (generate), score, report — what ``wurst-eval`` does with ``conf/eval/eval.yaml``.
 
-1. Prompts from the prompt file (first ``limit``).
+1. Prompts from the prompt file (first ``limit``); the FID references and every enabled metric's
+   weights are found (local path, cache or an allowed download, ``eval/metric_weights.py``) before
+   anything is generated.
 2. When ``pipeline`` is set, the cascade (``generation.sampler``) writes this rank's missing images
    to ``images`` (default ``<out>/images``); ranks then meet at a barrier and only rank 0 goes on.
 3. Metrics over the prompt set's images: FID against ``references`` and IS (both after the
@@ -36,6 +38,7 @@ from wurst.eval.image_folder import (
     to_uint8_batch,
 )
 from wurst.eval.inception import build_fid, build_inception_score
+from wurst.eval.metric_weights import check_references, resolve_metric_weights
 from wurst.eval.pickscore import PickScore, preference
 from wurst.eval.prompt_set import read_prompt_file
 from wurst.eval.report import write_metrics_json, write_results_table, write_sample_grid
@@ -103,6 +106,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     images_dir = Path(cfg.images) if cfg.images else out / "images"
     device = resolve_device(cfg.device)
     rank, world_size = rank_and_world_size()
+    # Everything scoring needs is found before the first image is generated (hours of GPU time on
+    # COCO-30K): the FID references and every metric's weights, on every rank, so all ranks stop together.
+    check_references(cfg)
+    resolve_metric_weights(cfg)
     own_group = _join_process_group(world_size)
     try:
         if cfg.pipeline is not None:

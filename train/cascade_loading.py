@@ -56,12 +56,15 @@ def load_cascade(
     """Stage A from stage_a/export, Stage B + its text encoder from stage_b/export, Stage C + its text
     encoder from stage_c/export (or the given ``stage_c``, for previews during Stage C training)."""
     pipeline_dir = Path(pipeline_dir)
+    # Every export file is checked (complete, the expected classes) before the first one is loaded.
     a_dir = require_export(pipeline_dir / "stage_a" / "export", "a", why="the cascade decodes with Stage A")
-    b_dir = require_export(pipeline_dir / "stage_b" / "export", "b", why="the cascade decodes with Stage B")
+    b_dir = require_export(pipeline_dir / "stage_b" / "export", "b", names=("model", "text_encoder"),
+                           why="the cascade decodes with Stage B")
     settings = sampler_config(sampler) if isinstance(sampler, str) else dict(sampler)
     settings.update(overrides)
     if stage_c is None:
-        c_dir = require_export(pipeline_dir / "stage_c" / "export", "c", why="the cascade starts from Stage C")
+        c_dir = require_export(pipeline_dir / "stage_c" / "export", "c", names=("model", "text_encoder"),
+                               why="the cascade starts from Stage C")
         stage_c = load_network(c_dir).to(device)
         text_encoder_c = load_text_encoder(c_dir).to(device)
         hand_off_file = c_dir / "hand_off.json"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from wurst.models.hub.pipeline_dir import NETWORK_CLASSES, canonical_target
+from wurst.models.hub.pipeline_dir import (
+    NETWORK_CLASSES,
+    BrokenArtifactError,
+    MissingStageError,
+    canonical_target,
+    check_export,
+)
 
 # config.json is data: only the classes pipeline_dir names may be built from it (never an arbitrary import path).
 ALLOWED_TARGETS = frozenset(NETWORK_CLASSES)
@@ -31,8 +37,61 @@ STAGE_COMMANDS = {
 }
 
 
-class MissingExportError(FileNotFoundError):
-    """A stage's input artifact is missing or incomplete."""
+class MissingExportError(MissingStageError):
+    """A stage's input artifact is missing or incomplete (a ``FileNotFoundError``)."""
+
+
+class BrokenExportError(BrokenArtifactError):
+    """A stage's input artifact is there but truncated, unparsable or incompatible (a ``ValueError``)."""
+
+
+def _experiment_keys(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``group``, ``phase`` and the stage an experiment file sets, following its experiment parents."""
+    from omegaconf import OmegaConf
+
+    from wurst.train.config import CONFIG_DIR
+
+    path = Path(CONFIG_DIR) / "experiment" / f"{name}.yaml"
+    if name in seen or not path.is_file():
+        return {}
+    node = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+    keys: dict[str, Any] = {}
+    for item in node.get("defaults") or []:
+        if isinstance(item, str) and item != "_self_":
+            keys.update(_experiment_keys(item, (*seen, name)))
+        elif isinstance(item, dict) and item.get("override /stage"):
+            keys["stage"] = item["override /stage"]
+    keys.update({k: node[k] for k in ("group", "phase") if isinstance(node.get(k), str)})
+    return keys
+
+
+def export_command(export_dir: str | Path, stage: str, group: str | None = None, extra: Sequence[str] = ()) -> str:
+    """The ``wurst-train`` command that writes ``export_dir`` (``<pipeline_dir>/<phase>/export``).
+
+    The experiment of the run's group whose phase is that run directory's name (``paper_v2``'s
+    ``stage_b`` → ``experiment=paper_v2/stage_b_1024``); the tiny experiment for the tiny group;
+    otherwise the stage and group (the tiny stage's command when no group is known). ``extra``: overrides that place the output (``paths.output_dir=…``)."""
+    from wurst.train.config import CONFIG_DIR
+
+    export_dir = Path(export_dir)
+    phase = export_dir.parent.name
+    default = STAGE_COMMANDS.get(stage, f"wurst-train stage={stage}") if group is None else None
+    group = group or export_dir.parent.parent.name
+    command = None
+    for path in sorted((Path(CONFIG_DIR) / "experiment").rglob("*.yaml")):
+        name = path.relative_to(Path(CONFIG_DIR) / "experiment").with_suffix("").as_posix()
+        keys = _experiment_keys(name)
+        own_stage = keys.get("stage")
+        if keys.get("group") != group or own_stage not in (None, stage):
+            continue
+        if keys.get("phase", f"stage_{stage}") == phase:
+            command = f"wurst-train experiment={name}" if own_stage else f"wurst-train stage={stage} experiment={name}"
+            break
+    if command is None and default is not None:  # no run to fit: the tiny stage, as a starting point
+        command = default
+    if command is None:
+        command = f"wurst-train stage={stage} group={group}" + ("" if phase == f"stage_{stage}" else f" phase={phase}")
+    return " ".join([command, *extra])
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -75,19 +134,34 @@ def write_provenance(export_dir: str | Path, provenance: Mapping[str, Any]) -> P
     return path
 
 
-def require_export(export_dir: str | Path, stage: str, name: str = "model", why: str = "") -> Path:
-    """Raises :class:`MissingExportError` naming the missing file and the command that makes it."""
+def require_export(
+    export_dir: str | Path,
+    stage: str,
+    name: str = "model",
+    why: str = "",
+    names: Sequence[str] | None = None,
+    group: str | None = None,
+    extra: Sequence[str] = (),
+) -> Path:
+    """Checks an export before a stage reads it (``models.hub.pipeline_dir.check_export``: present,
+    complete, the expected classes). Raises :class:`MissingExportError` or :class:`BrokenExportError`
+    naming the file, what is wrong and the command that rebuilds it (:func:`export_command`)."""
     export_dir = Path(export_dir)
-    for path in (export_dir / _file_name(name, "weights"), export_dir / _file_name(name, "config"),
-                 export_dir / "provenance.json"):
-        if not path.is_file():
-            command = STAGE_COMMANDS.get(stage, f"wurst-train stage={stage}")
-            reason = f" ({why})" if why else ""
+    try:
+        check_export(export_dir, stage, tuple(names) if names is not None else (name,))
+        return export_dir
+    except (MissingStageError, BrokenArtifactError) as error:
+        command = export_command(export_dir, stage, group, extra)
+        reason = f" ({why})" if why else ""
+        if isinstance(error, MissingStageError):
             raise MissingExportError(
-                f"needs a Stage {stage.upper()} export at {path}{reason}; it is missing. "
+                f"needs a Stage {stage.upper()} export at {error.path}{reason}; it {error.problem}. "
                 f"Produce it with `{command}` (or point the config at an existing export)."
-            )
-    return export_dir
+            ) from error
+        raise BrokenExportError(
+            f"needs a Stage {stage.upper()} export at {error.path}{reason}, but the file {error.problem}. "
+            f"Rebuild it with `{command}` (or point the config at an intact export)."
+        ) from error
 
 
 def read_config(export_dir: str | Path, name: str = "model") -> dict[str, Any]:

@@ -14,6 +14,7 @@ from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from wurst.train.previews import PreviewError
 from wurst.train.run_stage import STAGES, train_stage
 
 log = logging.getLogger(__name__)
@@ -55,13 +56,18 @@ def run_pipeline(cfg: DictConfig, extra_overrides: list[str] | None = None) -> d
     check_stage_order(steps)
     extra = list(extra_overrides if extra_overrides is not None else user_overrides())
     results: dict[str, Any] = {}
+    preview_errors: dict[str, str] = {}
     pipeline_dir: Path | None = None
     started = time.time()
     for overrides in steps:
         stage_cfg = compose(config_name="train", overrides=overrides + extra)
         pipeline_dir = Path(stage_cfg.pipeline_dir)
         log.info("pipeline %s: %s", cfg.pipeline.name, " ".join(overrides))
-        results[str(stage_cfg.phase)] = train_stage(stage_cfg)
+        try:
+            results[str(stage_cfg.phase)] = train_stage(stage_cfg)
+        except PreviewError as error:  # the stage's export is complete: the next stage can use it
+            results[str(stage_cfg.phase)] = getattr(error, "metrics", {})
+            preview_errors[str(stage_cfg.phase)] = str(error)
     assert pipeline_dir is not None
     manifest = {
         "pipeline": cfg.pipeline.name,
@@ -70,5 +76,7 @@ def run_pipeline(cfg: DictConfig, extra_overrides: list[str] | None = None) -> d
         "metrics": results,
         "wall_seconds": round(time.time() - started, 1),
     }
+    if preview_errors:  # reported (and the exit status set) by the pipeline report, after its own work
+        manifest["preview_errors"] = preview_errors
     (pipeline_dir / "pipeline.json").write_text(json.dumps(manifest, indent=2))
     return {"pipeline_dir": str(pipeline_dir), **manifest}

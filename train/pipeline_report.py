@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from torchvision.utils import make_grid, save_image
 
 from wurst.train.cascade_loading import load_cascade
+from wurst.train.previews import PreviewError
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +32,31 @@ def sample_grid(pipeline_dir: Path, prompts: list[str], sampler: str, size: int,
 
 
 def report_pipeline(cfg: DictConfig, result: dict[str, Any]) -> dict[str, Any]:
+    """Sample grid, color check, carbon ledger, the manifest's report. Every export is already written,
+    so a part that fails is logged and skipped, the others still run, and the failures (with any stage
+    preview that failed) end the command with an error once the report is written."""
     pipeline_dir = Path(result["pipeline_dir"])
     report = cfg.pipeline.get("report", {})
     sampler = report.get("sampler", "tiny")
     size = int(report.get("size", 128))
     lines = [f"pipeline {cfg.pipeline.name}: {pipeline_dir}"]
-    grid = sample_grid(pipeline_dir, list(cfg.samples_prompts), sampler, size)
-    lines.append(f"  sample grid      {grid}")
-    summary: dict[str, Any] = {"sample_grid": str(grid)}
-    if report.get("color_check", False):
+    summary: dict[str, Any] = {}
+    failures: list[str] = [f"{phase} preview: {error}" for phase, error in (result.get("preview_errors") or {}).items()]
+
+    def attempt(what: str, part) -> None:
+        try:
+            part()
+        except Exception as error:
+            log.exception("pipeline report: the %s failed; the exports are not affected", what)
+            failures.append(f"{what}: {type(error).__name__}: {error}")
+            lines.append(f"  {what:<16} FAILED ({type(error).__name__}: {error})")
+
+    def grid() -> None:
+        path = sample_grid(pipeline_dir, list(cfg.samples_prompts), sampler, size)
+        lines.append(f"  sample grid      {path}")
+        summary["sample_grid"] = str(path)
+
+    def color() -> None:
         from wurst.train.color_fidelity import color_fidelity
 
         check = color_fidelity(pipeline_dir, per_color=int(report.get("per_color", 2)), size=size, sampler=sampler)
@@ -49,20 +66,44 @@ def report_pipeline(cfg: DictConfig, result: dict[str, Any]) -> dict[str, Any]:
             f"  color check      background color right in {check['background_color_accuracy']:.0%} of "
             f"{check['images']} images (chance {check['chance']:.0%})"
         )
-    from wurst.train.accounting.pipeline import pipeline_table, read_pipeline
 
-    (pipeline_dir / "ledger.md").write_text(pipeline_table(pipeline_dir) + "\n")
-    lines.append(f"  carbon ledger    {pipeline_dir / 'ledger.md'}")
-    summary["ledger"] = str(pipeline_dir / "ledger.md")
+    def ledger() -> None:
+        from wurst.train.accounting.pipeline import pipeline_table
+
+        (pipeline_dir / "ledger.md").write_text(pipeline_table(pipeline_dir) + "\n")
+        lines.append(f"  carbon ledger    {pipeline_dir / 'ledger.md'}")
+        summary["ledger"] = str(pipeline_dir / "ledger.md")
+
+    attempt("sample grid", grid)
+    if report.get("color_check", False):
+        attempt("color check", color)
+    attempt("carbon ledger", ledger)
     for stage in ("a", "b", "c"):
         stage_dir = pipeline_dir / f"stage_{stage}"
         if stage_dir.is_dir():
             lines.append(f"  stage {stage.upper()}          export {stage_dir / 'export'}  logs {stage_dir / 'logs'}")
     lines.append(f"  generate more    wurst-generate {pipeline_dir} --prompt \"a red circle on a blue background\"")
     print("\n".join(lines))
+
+    accounting: dict[str, Any] = {}
+
+    def account() -> None:
+        from wurst.train.accounting.pipeline import read_pipeline
+
+        accounting.update(read_pipeline(pipeline_dir).to_dict())
+
+    attempt("accounting", account)
     manifest_path = pipeline_dir / "pipeline.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    manifest["report"] = summary
-    manifest["accounting"] = read_pipeline(pipeline_dir).to_dict()
-    manifest_path.write_text(json.dumps(manifest, indent=2))
+    content = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    content["report"] = {**summary, **({"failures": failures} if failures else {})}
+    if accounting:
+        content["accounting"] = accounting
+    manifest_path.write_text(json.dumps(content, indent=2))
+    if failures:
+        message = (
+            f"pipeline {cfg.pipeline.name}: every stage's export is written ({pipeline_dir}), but "
+            f"{len(failures)} preview/report part(s) failed (tracebacks above): " + "; ".join(failures)
+        )
+        log.error(message)
+        raise PreviewError(message)
     return summary

@@ -1,12 +1,17 @@
 """Preview grids while training: what a person would rather look at than a loss curve.
 
-Every ``every_n_steps`` (and at the end of fit) the module's ``preview(batch, prompts)`` makes a
-``[N, 3, H, W]`` image tensor in [0, 1] from the first batch it saw; the grid is written as PNG under
-``run_dir/samples/`` and sent to wandb when a wandb logger is attached.
+Every ``every_n_steps`` the module's ``preview(batch, prompts)`` makes a ``[N, 3, H, W]`` image tensor
+in [0, 1] from the first batch it saw; the grid is written as PNG under ``run_dir/samples/`` and sent
+to wandb when a wandb logger is attached. The end-of-run grid is drawn by ``train/run_stage.py`` after
+the final checkpoint and the export are written (:meth:`PreviewGrid.final`).
+
+A preview is a picture, not the run: one that fails is logged with its traceback and recorded in
+``failures``, training goes on, and the run reports every failure when it ends (after its export).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,6 +19,8 @@ from typing import Any
 import lightning as L
 import torch
 from torchvision.utils import make_grid, save_image
+
+log = logging.getLogger(__name__)
 
 
 def _detach_batch(batch: Any, limit: int) -> Any:
@@ -26,6 +33,10 @@ def _detach_batch(batch: Any, limit: int) -> Any:
     return batch
 
 
+class PreviewError(RuntimeError):
+    """A run whose training, final checkpoint and export completed, but whose preview failed."""
+
+
 class PreviewGrid(L.Callback):
     def __init__(self, out_dir: str | Path, every_n_steps: int = 0, prompts: list[str] | None = None, count: int = 8):
         self.out_dir = Path(out_dir)
@@ -34,17 +45,29 @@ class PreviewGrid(L.Callback):
         self.count = count
         self.batch: Any = None
         self.last_path: Path | None = None
+        self.failures: list[str] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.batch is None:
             self.batch = _detach_batch(batch, self.count)
         step = trainer.global_step
         if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
-            self.write(trainer, pl_module, step)
+            self.write_or_record(trainer, pl_module, step)
 
-    def on_train_end(self, trainer, pl_module) -> None:
-        if self.batch is not None:
-            self.write(trainer, pl_module, trainer.global_step)
+    def final(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
+        """The end-of-run grid (called once the final checkpoint and the export are on disk)."""
+        if self.batch is None:
+            return None
+        return self.write_or_record(trainer, pl_module, trainer.global_step)
+
+    def write_or_record(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> Path | None:
+        """:meth:`write`, but a failure is logged and kept in ``failures`` instead of ending the run."""
+        try:
+            return self.write(trainer, pl_module, step)
+        except Exception as error:
+            log.exception("the preview at step %d failed; training and the export are not affected", step)
+            self.failures.append(f"step {step}: {type(error).__name__}: {error}")
+            return None
 
     @torch.no_grad()
     def write(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> Path | None:

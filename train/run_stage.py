@@ -21,11 +21,15 @@ from wurst.data.datamodule import per_device_batch_size
 from wurst.train.checkpointing import AtomicCheckpointIO, PeriodicCheckpoint, find_resume_checkpoint
 from wurst.train.diffusion_module import network_config
 from wurst.train.export import (
+    BrokenExportError,
+    export_command,
     git_revision,
+    read_config,
     require_export,
     write_network,
     write_provenance,
 )
+from wurst.train.previews import PreviewError, PreviewGrid
 
 log = logging.getLogger(__name__)
 
@@ -38,26 +42,67 @@ def plain(cfg: Any) -> Any:
 
 
 def check_stage_inputs(cfg: DictConfig) -> None:
-    """Hand-off checks (DESIGN.md): Stage B needs Stage A's export, Stage C Stage B's compressor."""
+    """Every artifact the run will read, previews included, checked before anything is built (DESIGN.md
+    hand-off): present, complete (safetensors header and length, JSON, provenance), the expected classes,
+    and the latent channels each hand-off needs. Stage B reads Stage A's export (targets, previews);
+    Stage C the compressor of Stage B's export (training) and Stage B + A (previews); ``init_from`` its
+    previous phase's export. Each error names the file, what is wrong and the command that rebuilds it."""
     stage = cfg.stage.name
     if stage not in STAGES:
         raise ValueError(f"stage.name={stage!r}: use one of {STAGES}")
     module = cfg.stage.module
+    place = {"group": str(cfg.group), "extra": location_overrides(cfg)}
     if stage == "b":
-        require_export(module.stage_a_export, "a", why="Stage B trains on Stage A latents")
-    if stage == "c" and module.get("compressor_export") is not None and not cfg.data.get("cached", False):
-        require_export(module.compressor_export, "b", name="compressor", why="Stage C needs the frozen compressor")
+        a_dir = require_export(module.stage_a_export, "a", why="Stage B trains on Stage A latents", **place)
+        a_config = read_config(a_dir)
+        for key in ("c_in", "c_out"):
+            expect_same(a_dir / "config.json", "latent_channels", a_config.get("latent_channels"),
+                        f"stage.module.network.{key}", module.network.get(key), "a", place)
+    if stage == "c" and module.get("compressor_export") is not None:
+        b_dir = require_export(module.compressor_export, "b", names=("compressor",),
+                               why="Stage C trains on its frozen compressor", **place)
+        # The previews run the cascade through this Stage C and the same pipeline's Stage B and A.
+        require_export(b_dir, "b", names=("model", "text_encoder"), why="Stage C's previews decode with Stage B", **place)
+        a_dir = require_export(b_dir.parent.parent / "stage_a" / "export", "a",
+                               why="Stage C's previews decode with Stage A", **place)
+        compressor, stage_b, stage_a = read_config(b_dir, "compressor"), read_config(b_dir), read_config(a_dir)
+        expect_same(b_dir / "compressor_config.json", "c_latent", compressor.get("c_latent"),
+                    "stage.module.network.c_in", module.network.get("c_in"), "b", place)
+        expect_same(b_dir / "config.json", "effnet_embd", stage_b.get("effnet_embd"),
+                    "the compressor's c_latent", compressor.get("c_latent"), "b", place)
+        expect_same(b_dir / "config.json", "c_in", stage_b.get("c_in"),
+                    "Stage A's latent_channels", stage_a.get("latent_channels"), "b", place)
     init = cfg.get("init_from")
     if init:
         path = Path(init["path"])
         mode = init.get("mode", "weights")
         if mode == "weights":
-            require_export(path, stage, why="init_from (weights) points at a previous phase's export")
+            names = ("model", "compressor") if stage == "b" and (path / "compressor.safetensors").is_file() else ("model",)
+            require_export(path, stage, names=names, why="init_from (weights) points at a previous phase's export",
+                           **place)
         elif mode == "full":
             if not path.is_file():
                 raise FileNotFoundError(f"init_from.path={path} (mode full) must be a .ckpt file; it does not exist")
         else:
             raise ValueError(f"init_from.mode={mode!r}: use 'weights' (an export dir) or 'full' (a .ckpt file)")
+
+
+def location_overrides(cfg: DictConfig) -> list[str]:
+    """Overrides a rebuild command needs to write where this run reads (a non-default output root)."""
+    output_dir = OmegaConf.select(cfg, "paths.output_dir")
+    return [] if output_dir in (None, "outputs") else [f"paths.output_dir={output_dir}"]
+
+
+def expect_same(path: Path, key: str, value: Any, needed_by: str, needed: Any, stage: str,
+                place: dict[str, Any]) -> None:
+    """An exported config value that this run's networks must match (latent channels of a hand-off)."""
+    if value is None or needed is None or value == needed:
+        return
+    command = export_command(path.parent, stage, place["group"], place["extra"])
+    raise BrokenExportError(
+        f"{path} has {key}={value!r}, but {needed_by} is {needed!r}: the export does not fit this run. "
+        f"Rebuild it with `{command}` using the same model configs, or change this run's config to match."
+    )
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
@@ -258,10 +303,9 @@ def train_stage(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-    if any(lg.__class__.__name__ == "WandbLogger" for lg in loggers):
-        import wandb
-
-        wandb.finish()  # the next stage of a pipeline gets its own run
+    # The final checkpoint was written at the end of fit; the export comes next, the preview last, so
+    # a failing preview (or one that is killed) never costs the trained weights.
+    previews = next((cb for cb in callbacks if isinstance(cb, PreviewGrid)), None)
     if trainer.is_global_zero:
         extra = {"metrics": metrics, **data_provenance(datamodule)}
         for cb in callbacks:
@@ -269,4 +313,30 @@ def train_stage(cfg: DictConfig) -> dict[str, Any]:
                 extra.update(cb.provenance())
         export_dir = export_stage(cfg, trainer, module, run_dir, extra)
         log.info("Stage %s export: %s", cfg.stage.name.upper(), export_dir)
+        if previews is not None:
+            previews.final(trainer, module)
+    if any(lg.__class__.__name__ == "WandbLogger" for lg in loggers):
+        import wandb
+
+        wandb.finish()  # the next stage of a pipeline gets its own run
+    if trainer.is_global_zero and previews is not None and previews.failures:
+        raise_preview_failures(cfg, trainer, run_dir, previews.failures, metrics)
     return metrics
+
+
+def raise_preview_failures(cfg: DictConfig, trainer: L.Trainer, run_dir: Path, failures: list[str],
+                           metrics: dict[str, float]) -> None:
+    """Ends a run whose weights are safe but whose previews failed: loudly, with a non-zero exit status,
+    so a chained job or a pipeline notices; the checkpoint and the export stay where they are."""
+    checkpoints = sorted((run_dir / "checkpoints").glob("step-*.ckpt"))
+    message = (
+        f"Stage {cfg.stage.name.upper()} trained to step {trainer.global_step}; its final checkpoint "
+        f"({checkpoints[-1] if checkpoints else 'none'}) and export ({run_dir / 'export'}) are written and kept, "
+        f"but {len(failures)} preview(s) failed (tracebacks above): " + "; ".join(failures)
+        + ". The export is usable as it is; once the cause is fixed, rerunning the same command (resume=auto) "
+        "only redoes the export and the preview."
+    )
+    log.error(message)
+    error = PreviewError(message)
+    error.metrics = metrics
+    raise error

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,28 @@ def canonical_target(target: Any) -> Any:
 
 
 class MissingStageError(FileNotFoundError):
-    """A stage export (or one of its files) the operation needs is missing."""
+    """A stage export (or one of its files) the operation needs is missing.
+
+    ``path`` is the file, ``problem`` what is wrong with it ("is missing"), for callers that add the
+    command which rebuilds it (``train/export.py``'s ``require_export``)."""
+
+    path: Path | None = None
+    problem: str = "is missing"
+
+
+class BrokenArtifactError(ValueError):
+    """An export file is there but unusable: truncated, unparsable, or not the class its consumer needs.
+
+    ``path`` and ``problem`` as for :class:`MissingStageError`."""
+
+    path: Path | None = None
+    problem: str = ""
+
+
+def _problem(error_class: type[Exception], path: Path, problem: str, fix: str = "") -> Exception:
+    error = error_class(f"{path} {problem}{fix}")
+    error.path, error.problem = path, problem
+    return error
 
 
 def stage_export_dir(pipeline_dir: str | Path, stage: str) -> Path:
@@ -78,6 +100,126 @@ def required_files(stage: str) -> list[tuple[str, str]]:
     return files
 
 
+# ----- completeness: every file checked before a consumer starts work ----------------------------
+def check_safetensors(path: str | Path) -> dict[str, list[int]]:
+    """Shapes by tensor name of a complete safetensors file, from its header only (no tensor is read).
+
+    Complete: the 8-byte header length, the JSON header it announces, and every tensor's byte range
+    lie inside the file. A write cut short (a kill, a full disk, a partial copy) fails here, naming the
+    file, rather than later in safetensors' own "incomplete metadata, file not fully covered"."""
+    path = Path(path)
+    if not path.is_file():
+        raise _problem(MissingStageError, path, "is missing")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise _problem(BrokenArtifactError, path, f"is truncated: {size} bytes, not even a safetensors header")
+        header_length = int.from_bytes(head, "little")
+        if 8 + header_length > size:
+            raise _problem(
+                BrokenArtifactError, path,
+                f"is truncated or not a safetensors file: its header announces {header_length:,} bytes but the "
+                f"file holds {size:,}",
+            )
+        raw = f.read(header_length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _problem(BrokenArtifactError, path, f"is not a safetensors file: its header does not parse ({error})")
+    if not isinstance(header, dict):
+        raise _problem(BrokenArtifactError, path, "is not a safetensors file: its header is not a JSON object")
+    shapes: dict[str, list[int]] = {}
+    data_end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            begin, end = (int(x) for x in info["data_offsets"])
+            shapes[key] = [int(n) for n in info["shape"]]
+        except (KeyError, TypeError, ValueError) as error:
+            raise _problem(BrokenArtifactError, path, f"has a malformed header entry for {key!r} ({error!r})")
+        if not 0 <= begin <= end:
+            raise _problem(BrokenArtifactError, path, f"has a malformed header entry for {key!r} (offsets {begin}, {end})")
+        data_end = max(data_end, end)
+    needed = 8 + header_length + data_end
+    if size < needed:
+        raise _problem(
+            BrokenArtifactError, path,
+            f"is truncated: {size:,} of the {needed:,} bytes its header declares for {len(shapes)} tensors "
+            f"({size / needed:.0%}); the write or copy was cut short",
+        )
+    return shapes
+
+
+def check_json(path: str | Path) -> dict[str, Any]:
+    """The JSON object in ``path``; missing, unparsable or not an object is an error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise _problem(MissingStageError, path, "is missing")
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _problem(BrokenArtifactError, path, f"is not valid JSON ({error}); it is truncated or was overwritten")
+    if not isinstance(data, dict):
+        raise _problem(BrokenArtifactError, path, f"must hold a JSON object, not a {type(data).__name__}")
+    return data
+
+
+def check_target(config: Mapping[str, Any], path: Path, expected: str) -> None:
+    """The config's ``_target_`` is the class this export file must hold (old ``models.`` names accepted)."""
+    target = canonical_target(config.get("_target_"))
+    if target not in NETWORK_CLASSES:
+        raise _problem(
+            BrokenArtifactError, path,
+            f"names _target_={target!r}: refusing to build {target!r} from an exported config; only "
+            f"{sorted(NETWORK_CLASSES)} are built from exports",
+        )
+    if target != expected:
+        raise _problem(BrokenArtifactError, path, f"has _target_={target!r}, but this file must describe a {expected}")
+
+
+NETWORK_TARGETS = {"compressor": COMPRESSOR_TARGET, "text_encoder": TEXT_ENCODER_TARGET}
+
+
+@dataclass
+class CheckedExport:
+    """What :func:`check_export` read: configs and weight shapes by network name, and the provenance."""
+
+    export_dir: Path
+    configs: dict[str, dict[str, Any]]
+    shapes: dict[str, dict[str, list[int]]]
+    provenance: dict[str, Any]
+
+
+def check_export(export_dir: str | Path, stage: str, names: Sequence[str] = ("model",)) -> CheckedExport:
+    """Checks the files of ``names`` in a stage export before anything reads them for real.
+
+    Each network: ``<name>.safetensors`` complete (:func:`check_safetensors`; a text encoder's only when
+    it has one, pretrained encoders carry none), its config JSON parsed and naming the expected class;
+    then ``provenance.json`` parsed (written last, it marks the export complete). Raises
+    :class:`MissingStageError` or :class:`BrokenArtifactError` for the first bad file, with ``path`` and
+    ``problem`` set."""
+    export_dir = Path(export_dir)
+    configs, shapes = {}, {}
+    for name in names:
+        weights, config_path = weights_file(export_dir, name), config_file(export_dir, name)
+        optional = name == "text_encoder" and not weights.is_file() and config_path.is_file()
+        if not optional:
+            shapes[name] = check_safetensors(weights)
+        config = check_json(config_path)
+        check_target(config, config_path, STAGE_TARGETS[stage] if name == "model" else NETWORK_TARGETS[name])
+        if optional and not config.get("pretrained"):
+            raise _problem(
+                MissingStageError, weights,
+                f"is missing, and {config_path.name} describes a randomly initialised text encoder "
+                "(pretrained: null), whose weights must travel with the export",
+            )
+        configs[name] = config
+    provenance = check_json(export_dir / "provenance.json")
+    return CheckedExport(export_dir, configs, shapes, provenance)
+
+
 def check_pipeline_dir(pipeline_dir: str | Path, stages: tuple[str, ...] = STAGES) -> dict[str, Path]:
     """Every file the Hub export reads, checked before anything is written: stage → its export directory.
 
@@ -92,24 +234,15 @@ def check_pipeline_dir(pipeline_dir: str | Path, stages: tuple[str, ...] = STAGE
     found = {}
     for stage in stages:
         export_dir = stage_export_dir(pipeline_dir, stage)
-        paths = [
-            weights_file(export_dir, n) if k == "weights" else config_file(export_dir, n)
-            for n, k in required_files(stage)
-        ]
-        paths.append(export_dir / "provenance.json")
-        for path in paths:
-            if not path.is_file():
-                raise MissingStageError(
-                    f"the Hub export needs all three stages, but Stage {stage.upper()}'s export file {path} is "
-                    f"missing; train the stage first (`wurst-train stage={stage}`, e.g. `wurst-train stage={stage} "
-                    f"experiment=tiny`, or the pipeline: `wurst-train pipeline=tiny`)"
-                )
-        config = read_json(config_file(export_dir, "model"))
-        if canonical_target(config.get("_target_")) != STAGE_TARGETS[stage]:
-            raise ValueError(
-                f"{config_file(export_dir, 'model')} has _target_={config.get('_target_')!r}, but stage_{stage}/ must "
-                f"hold a {STAGE_TARGETS[stage]}; is the pipeline directory laid out as wurst-train writes it?"
-            )
+        names = [n for n, kind in required_files(stage) if kind == "config"]
+        try:
+            check_export(export_dir, stage, names)
+        except (MissingStageError, BrokenArtifactError) as error:
+            raise type(error)(
+                f"the Hub export needs all three stages, but Stage {stage.upper()}'s export file {error.path} "
+                f"{error.problem}; train the stage first (`wurst-train stage={stage}`, e.g. `wurst-train "
+                f"stage={stage} experiment=tiny`, or the pipeline: `wurst-train pipeline=tiny`)"
+            ) from error
         found[stage] = export_dir
     return found
 
@@ -161,6 +294,7 @@ def build_network(
     config: Mapping[str, Any], state: Mapping[str, torch.Tensor] | None, source: str
 ) -> nn.Module:
     """Build the allowed class of ``config`` and load ``state`` (strictly: every key, every shape)."""
+    config = canonical_config(config)
     cls = network_class(config, source)
     kwargs = {k: v for k, v in config.items() if k != "_target_"}
     if state is None:
@@ -199,8 +333,8 @@ def read_text_encoder(export_dir: str | Path) -> TextEncoder:
     """The text encoder a stage trained with: its saved weights, or the pretrained name/path in its config
     (open_clip then downloads a tag, or reads a local checkpoint)."""
     export_dir = Path(export_dir)
-    config = read_config(export_dir, "text_encoder")
-    if canonical_target(config.get("_target_")) != TEXT_ENCODER_TARGET:
+    config = canonical_config(read_config(export_dir, "text_encoder"))
+    if config.get("_target_") != TEXT_ENCODER_TARGET:
         raise ValueError(f"{config_file(export_dir, 'text_encoder')}: _target_ must be {TEXT_ENCODER_TARGET}")
     weights = weights_file(export_dir, "text_encoder")
     state = load_file(str(weights)) if weights.is_file() else None

@@ -245,3 +245,23 @@ def tiny_cascade():
 
     networks = build_tiny_networks()
     return CascadeSampler(**networks, **sampler_config("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    """A pipeline directory with random-init tiny Stage A/B/C exports (train.export's layout)."""
+    from wurst.train.export import write_network, write_provenance
+
+    root = tmp_path_factory.mktemp("pipeline")
+    networks = build_tiny_networks()
+    for stage in ("a", "b", "c"):
+        export = root / f"stage_{stage}" / "export"
+        config = OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"stage_{stage}" / "tiny.yaml"))
+        write_network(export, "model", networks[f"stage_{stage}"], config)
+        if stage in ("b", "c"):
+            text_config = OmegaConf.to_container(
+                OmegaConf.load(CONF / "model" / "text_encoder" / "tiny.yaml")
+            )
+            write_network(export, "text_encoder", networks[f"text_encoder_{stage}"], text_config)
+        write_provenance(export, {"note": "random weights for the wurst-eval tests"})
+    return root

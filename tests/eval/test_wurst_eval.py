@@ -9,12 +9,11 @@ import sys
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from wurst.eval.evaluate import evaluate
 from wurst.eval.prompt_set import PromptRecord, read_prompt_file, write_prompt_file
 
-from .conftest import COLOURS, CONF, build_tiny_networks, caption_of, colour_image
+from .conftest import COLOURS, CONF, caption_of, colour_image
 
 REPO = CONF.parent
 
@@ -104,26 +103,6 @@ def test_missing_images_are_counted_and_named(colour_set, metric_overrides):
     (colour_set["images"] / "img03.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"lacks 1 of 6 prompt images \(img03\)"):
         evaluate(eval_config(metric_overrides + [f"{k}={v}" for k, v in colour_set.items()]))
-
-
-@pytest.fixture(scope="session")
-def tiny_pipeline_dir(tmp_path_factory):
-    """A pipeline directory with random-init tiny Stage A/B/C exports (train.export's layout)."""
-    from wurst.train.export import write_network, write_provenance
-
-    root = tmp_path_factory.mktemp("pipeline")
-    networks = build_tiny_networks()
-    for stage in ("a", "b", "c"):
-        export = root / f"stage_{stage}" / "export"
-        config = OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"stage_{stage}" / "tiny.yaml"))
-        write_network(export, "model", networks[f"stage_{stage}"], config)
-        if stage in ("b", "c"):
-            text_config = OmegaConf.to_container(
-                OmegaConf.load(CONF / "model" / "text_encoder" / "tiny.yaml")
-            )
-            write_network(export, "text_encoder", networks[f"text_encoder_{stage}"], text_config)
-        write_provenance(export, {"note": "random weights for the wurst-eval tests"})
-    return root
 
 
 def test_generates_from_a_pipeline_directory_then_scores(tiny_pipeline_dir, metric_overrides, tmp_path):
