@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Mapping
@@ -123,11 +124,54 @@ def stage_c_hand_off(export_dir: Path, provenance: Mapping[str, Any]) -> dict[st
         raise ValueError(f"{path}: latent_mean and latent_std must be numbers ({error})") from error
 
 
-def _write_stage(stage: str, export_dir: Path, folder: Path, dtype: torch.dtype) -> dict[str, Any]:
+_EFFNET_MAPPER = re.compile(r"^effnet_mappers\.(\d+)\.weight$")
+
+
+def hand_off_affine(hand_off: Mapping[str, float]) -> tuple[float, float]:
+    """(α, β) with z = α·z' + β, where z = latent_mean·x − latent_std is what Stage B was trained on and
+    z' = 42·x − 1 what WuerstchenCombinedPipeline hands it (its prior pipeline's built-in constants)."""
+    mean, std = float(hand_off["latent_mean"]), float(hand_off["latent_std"])
+    pipe_mean, pipe_std = PIPELINE_HAND_OFF["latent_mean"], PIPELINE_HAND_OFF["latent_std"]
+    alpha = mean / pipe_mean
+    return alpha, alpha * pipe_std - std
+
+
+def absorb_hand_off(state: Mapping[str, torch.Tensor], hand_off: Mapping[str, float], *, undo: bool = False) -> dict:
+    """Stage B weights that take z' (the pipeline's hand-off) and compute what the trained ones compute on z.
+
+    z enters Stage B only through bicubic resizing (linear, and it keeps constants) and the 1×1
+    ``effnet_mappers`` convolutions, so W·(α·z' + β) + b = (α·W)·z' + (b + β·ΣW): the affine hand-off
+    folds into those weights and biases exactly (float rounding aside). ``undo`` maps back (import)."""
+    alpha, beta = hand_off_affine(hand_off)
+    if not alpha > 0:
+        raise ValueError(f"Stage C's hand-off {dict(hand_off)} has latent_mean ≤ 0: it cannot be folded into Stage B")
+    out = dict(state)
+    for key, weight in state.items():
+        if not _EFFNET_MAPPER.match(key):
+            continue
+        bias_key = key[: -len("weight")] + "bias"
+        if bias_key not in state:
+            raise ValueError(f"Stage B's {key} has no bias, so the hand-off's offset cannot be folded into it")
+        w, b = weight.double(), state[bias_key].double()
+        if undo:
+            w = w / alpha
+            b = b - beta * w.sum(dim=(1, 2, 3))
+        else:
+            b = b + beta * w.sum(dim=(1, 2, 3))
+            w = w * alpha
+        out[key], out[bias_key] = w.to(weight.dtype), b.to(state[bias_key].dtype)
+    return out
+
+
+def _write_stage(
+    stage: str, export_dir: Path, folder: Path, dtype: torch.dtype, hand_off: Mapping[str, float] | None = None
+) -> dict[str, Any]:
     cls = DIFFUSERS_CLASSES[stage]
     config = read_config(export_dir)
     kwargs = _diffusers_kwargs(stage, config, config_file(export_dir, "model"))
     state = read_state_dict(export_dir)
+    if stage == "b" and hand_off is not None and dict(hand_off) != PIPELINE_HAND_OFF:
+        state = absorb_hand_off(state, hand_off)
     check_state_dict_compatible(state, cls, kwargs)
     write_safetensors(folder / DIFFUSERS_WEIGHTS, _cast(state, dtype))
     write_json(
@@ -238,9 +282,9 @@ def export_pipeline(
     schedule_s = {stage: _check_diffusion_settings(stage, provenance[stage]) for stage in ("b", "c")}
     hand_off = stage_c_hand_off(exports["c"], provenance["c"])
     if hand_off != PIPELINE_HAND_OFF:
-        log.warning(
-            "Stage C's hand-off %s differs from the %s WuerstchenCombinedPipeline builds in; the model card shows "
-            "the one line that sets it (pipe.prior_pipe.register_to_config)",
+        log.info(
+            "Stage C's hand-off %s differs from the %s WuerstchenCombinedPipeline builds in: folded into Stage B's "
+            "effnet mappers, so the folder draws with diffusers' defaults",
             hand_off,
             PIPELINE_HAND_OFF,
         )
@@ -255,7 +299,7 @@ def export_pipeline(
         for stage in ("c", "b", "a"):  # inference order, as the table in layout.py
             network, encoder, tokenizer, scheduler = COMBINED_FOLDERS[stage]
             log.info("Stage %s → %s/", stage.upper(), network)
-            stage_kwargs[stage] = _write_stage(stage, exports[stage], tmp / network, torch_dtype)
+            stage_kwargs[stage] = _write_stage(stage, exports[stage], tmp / network, torch_dtype, hand_off)
             if encoder is not None:
                 widths[stage] = _write_text_encoder(
                     exports[stage], tmp / encoder, tmp / tokenizer, torch_dtype
@@ -310,6 +354,8 @@ def export_pipeline(
                 "pipeline": pipeline_dir.absolute().name,
                 "dtype": dtype,
                 "hand_off": hand_off,
+                # Stage B's effnet mappers take the pipeline's z' = 42·x − 1 (absorb_hand_off); import undoes it.
+                "hand_off_folded_into_stage_b": hand_off != PIPELINE_HAND_OFF,
                 "stages": facts,
                 "eval": None
                 if eval_metrics is None

@@ -39,6 +39,7 @@ from wurst.models.hub.clip_text_model import (
 from wurst.models.hub.diffusers_export import (
     HAND_OFF_FILE,
     PIPELINE_HAND_OFF,
+    absorb_hand_off,
     check_out_dir,
     move_into_place,
     partial_dir,
@@ -410,9 +411,11 @@ def import_diffusers(
             component = components[stage]
             export_dir = tmp / f"stage_{stage}" / "export"
             network, kwargs = load_stage(stage, component, torch_dtype)
-            write_network(
-                export_dir, "model", network.state_dict(), {"_target_": STAGE_TARGETS[stage], **kwargs}
-            )
+            state = network.state_dict()
+            if stage == "b" and summary.get("hand_off_folded_into_stage_b"):
+                # our export folded Stage C's own hand-off into Stage B; back to the weights it trained
+                state = absorb_hand_off(state, hand_off, undo=True)
+            write_network(export_dir, "model", state, {"_target_": STAGE_TARGETS[stage], **kwargs})
             extra: dict[str, Any] = {}
             if stage in ("b", "c"):
                 check_scheduler(stage, component)

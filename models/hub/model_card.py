@@ -333,13 +333,16 @@ def model_card(
     """
     metadata = card_metadata(facts, eval_metrics, model_name, license, datasets)
     where = repo_id or "path/to/this/folder"
-    set_hand_off = []
+    hand_off_note = []
     if hand_off is not None:
-        set_hand_off = [
-            "# This Stage C hands its samples to Stage B as z = latent_mean·x − latent_std with its own constants:",
+        hand_off_note = [
+            "",
             (
-                f"pipe.prior_pipe.register_to_config(latent_mean={hand_off['latent_mean']!r}, "
-                f"latent_std={hand_off['latent_std']!r})"
+                f"This Stage C was trained on its own compressor's statistics (z = {hand_off['latent_mean']!r}·x − "
+                f"{hand_off['latent_std']!r}); the export folds that hand-off into Stage B's effnet mappers, so the "
+                "pipeline's built-in 42·x − 1 is right as it is. With decoder_guidance_scale > 1 the decoder's "
+                "unconditional half then sees a constant latent rather than the zeros it trained on; the released "
+                "call runs the decoder unguided."
             ),
         ]
     body = [
@@ -360,11 +363,11 @@ def model_card(
         "from diffusers.pipelines.deprecated.wuerstchen.pipeline_wuerstchen_prior import DEFAULT_STAGE_C_TIMESTEPS",
         "",
         f'pipe = WuerstchenCombinedPipeline.from_pretrained("{where}")',
-        *set_hand_off,
         'images = pipe("an image of a shiba inu, donning a spacesuit and helmet", height=1024, width=1024,',
         "              prior_timesteps=DEFAULT_STAGE_C_TIMESTEPS, prior_guidance_scale=4.0,",
         "              decoder_guidance_scale=0.0).images",
         "```",
+        *hand_off_note,
         "",
         "Or with wurst: `wurst-export import " + where + " out=outputs/imported`, then `wurst-generate` / "
         "`wurst-eval pipeline=outputs/imported` / `wurst-train init_from.path=outputs/imported/stage_c/export`.",
