@@ -9,6 +9,7 @@ Seeds are per prompt (seed + prompt index), so an image does not depend on the b
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from pathlib import Path
 
@@ -63,6 +64,9 @@ def check_request(pipeline_dir: str | Path, out_dir: str | Path, height: int, wi
                                     why="wurst-generate runs the C -> B -> A cascade")
         networks[f"stage_{stage}"] = build_from_config(read_config(export_dir), device="meta")
     settings = sampler_config(sampler) if isinstance(sampler, str) else dict(sampler)
+    hand_off = pipeline_dir / "stage_c" / "export" / "hand_off.json"
+    if hand_off.is_file():  # as load_cascade reads it
+        settings.update(json.loads(hand_off.read_text()))
     sizes_only = CascadeSampler(**networks, text_encoder_c=None, text_encoder_b=None, **settings)
     sizes_only.latent_sizes(height, width)  # raises, naming the side and a size that works
 

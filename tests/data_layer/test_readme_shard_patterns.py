@@ -23,14 +23,14 @@ BIN = str(Path(sys.executable).parent)
 
 def readme_train_lines_with_brace_shards() -> list[str]:
     """Every ``wurst-train`` line of a README bash block whose ``data.shards`` has a brace pattern."""
-    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), flags=re.DOTALL)
     return [line.strip() for block in blocks for line in block.splitlines()
             if line.strip().startswith("wurst-train") and re.search(r"data\.shards=\S*\{", line)]
 
 
 def bash(line: str, timeout: int) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(["bash", "-c", line], check=False, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 LINES = readme_train_lines_with_brace_shards()

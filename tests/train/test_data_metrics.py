@@ -29,7 +29,7 @@ def stage_a(output_dir: Path, data_dir: Path, max_steps: int) -> None:
             "data.synthesize.num_samples=64", "data.synthesize.num_shards=4", f"paths.output_dir={output_dir}",
             f"paths.data_dir={data_dir}", f"trainer.max_steps={max_steps}", "trainer.log_every_n_steps=2",
             "checkpoint_every=2"]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=400,
+    result = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=400,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -92,7 +92,7 @@ def test_under_ddp_the_totals_are_of_all_ranks_in_metrics_and_provenance(tmp_pat
             "data.num_workers=1", f"data.global_batch_size={BATCH}", "data.synthesize.num_samples=64",
             "data.synthesize.num_shards=4", f"paths.output_dir={tmp_path / 'out'}",
             f"paths.data_dir={tmp_path / 'data'}", "trainer.max_steps=3", "trainer.log_every_n_steps=2"]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=400,
+    result = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=400,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     provenance = json.loads((tmp_path / "out" / "tiny" / "stage_a" / "export" / "provenance.json").read_text())
@@ -109,7 +109,7 @@ def test_pipeline_json_carries_every_stages_totals(tmp_path):
             f"paths.output_dir={tmp_path / 'out'}", f"paths.data_dir={tmp_path / 'data'}",
             "data.synthesize.num_samples=64", "data.synthesize.num_shards=4", f"data.global_batch_size={BATCH}",
             "data.num_workers=0", "trainer.max_steps=2", "pipeline.report.color_check=false"]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=600,
+    result = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((tmp_path / "out" / "tiny" / "pipeline.json").read_text())
