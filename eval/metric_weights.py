@@ -113,10 +113,10 @@ def hub_folder(name: str, setting: Setting, kind: str = "model") -> str:
         return str(folder)
     from huggingface_hub import snapshot_download
 
-    advice = (
-        f"download it once (`hf download {name} --local-dir DIR` on a machine with network) and "
-        f"{setting.fix()}"
-    )
+    only = (
+        " --include '*.json' '*.txt'" if kind == "processor" else ""
+    )  # the processor files, not 4 GB of weights
+    advice = f"download it once (`hf download {name}{only} --local-dir DIR` on a machine with network) and {setting.fix()}"
     offline = not downloads_allowed()
     patterns = HUB_TEXT_FILES if kind == "processor" else [*HUB_TEXT_FILES, HUB_MODEL_WEIGHTS[0]]
     try:
