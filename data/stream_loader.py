@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 from torch.utils.data import DataLoader
@@ -25,8 +26,8 @@ from wurst.data.shard_stream import ShardStream
 from wurst.data.topology import rank_and_world_size
 
 
-def stop_only_for_parent(_worker_id: int = 0) -> None:
-    """A DataLoader worker's SIGTERM policy (``worker_init_fn``): survive SLURM's, obey the parent's.
+def stop_only_for_parent(_worker_id: int = 0, owner: int | None = None) -> None:
+    """A DataLoader worker's SIGTERM policy (``worker_init_fn``): survive SLURM's, obey its owner's.
 
     SLURM sends SIGTERM to every process of a job (scontrol requeue, preemption, the time limit): a
     worker must outlive it so the training process can finish its step and write the checkpoint
@@ -34,22 +35,34 @@ def stop_only_for_parent(_worker_id: int = 0) -> None:
     shutdown, multiprocessing's exit handler), and a worker that ignored that one kept the process
     waiting at exit forever after any error (a text file named ``x.tar``, a filter that rejects
     everything) and the SLURM job held its allocation until the time limit. So SIGTERM is blocked here
-    and a thread takes it with its sender's pid: from the parent, the worker exits at once; from anyone
-    else, it is dropped. The thread also ends the worker within a second of the parent's death (SIGKILL,
+    and a thread takes it with its sender's pid: from the owner (the training process that made the
+    DataLoader; the parent unless a forkserver started the worker), the worker exits at once; from anyone
+    else, it is dropped. The thread also ends the worker within a second of the owner's death (SIGKILL,
     OOM killer), when no one is left to send anything.
     """
     parent = os.getppid()
+    owner = parent if owner is None else owner
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
-    threading.Thread(target=_obey_parent, args=(parent,), name="wurst-worker-sigterm", daemon=True).start()
+    threading.Thread(target=_obey_owner, args=(owner, parent), name="wurst-worker-sigterm", daemon=True).start()
 
 
-def _obey_parent(parent: int) -> None:
+def _obey_owner(owner: int, parent: int) -> None:
     while True:
         info = signal.sigtimedwait({signal.SIGTERM}, _PARENT_CHECK_S)
-        if info is not None and info.si_pid == parent:
+        if info is not None and info.si_pid == owner:
             os._exit(0)  # asked to stop by the training process: a clean exit, not a "killed" worker
-        if os.getppid() != parent:
+        if os.getppid() != parent or not _alive(owner):
             os._exit(1)  # the training process is gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 _PARENT_CHECK_S = 1.0
@@ -95,7 +108,8 @@ class StreamLoader:
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             prefetch_factor=self.prefetch_factor,
                             multiprocessing_context=self.multiprocessing_context,
-                            worker_init_fn=stop_only_for_parent if self.num_workers > 0 else None)
+                            worker_init_fn=partial(stop_only_for_parent, owner=os.getpid())
+                            if self.num_workers > 0 else None)
         for batch in loader:
             if self.stats is not None:
                 self.stats.update(batch["data_stats"])
