@@ -13,19 +13,14 @@ import torch
 from torch import nn
 
 from wurst.train.export import load_network
-from wurst.train.sync_batchnorm import SYNCED
+from wurst.train.sync_batchnorm import (
+    SYNCED,
+    CPUSyncBatchNorm,
+    convert_to_sync_batchnorm,
+    revert_sync_batchnorm,
+)
 
-from .conftest import REPO, STEPS, TORCHRUN, WORLD, finish, launch, max_abs_difference, with_prefix
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from wurst.train.config import CONFIG_DIR
-
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=overrides)
+from .conftest import REPO, STEPS, TORCHRUN, WORLD, compose, finish, launch, max_abs_difference, with_prefix
 
 
 @pytest.mark.parametrize("experiment", ["paper_v2/stage_b_512", "paper_v2/stage_b_1024"])
@@ -76,3 +71,27 @@ def test_the_exported_compressor_is_plain_batchnorm_and_loads_in_one_process(ddp
     with torch.no_grad():
         z = compressor.eval()(torch.rand(2, 3, 96, 96))
     assert z.shape[:2] == (2, 16) and torch.isfinite(z).all()
+
+
+def network_with_batchnorms() -> nn.Module:
+    from timm.layers import BatchNormAct2d
+
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(BatchNormAct2d(4, act_layer=nn.SiLU)))
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_the_twins_share_the_tensors_and_keys_and_revert_to_the_very_same_modules(device_type):
+    from timm.layers import SyncBatchNormAct
+
+    network = network_with_batchnorms()
+    plain = [network[1], network[2][0]]
+    keys, tensors = list(network.state_dict()), [t.data_ptr() for t in network.state_dict().values()]
+    originals = convert_to_sync_batchnorm(network, device_type)
+    twins = [network[1], network[2][0]]
+    expected = (CPUSyncBatchNorm, CPUSyncBatchNorm) if device_type == "cpu" else (nn.SyncBatchNorm, SyncBatchNormAct)
+    assert all(isinstance(t, cls) for t, cls in zip(twins, expected))
+    assert isinstance(twins[1].act, nn.SiLU)  # timm's norm + activation keeps its activation
+    assert list(network.state_dict()) == keys and [t.data_ptr() for t in network.state_dict().values()] == tensors
+    assert twins[0].weight is plain[0].weight
+    revert_sync_batchnorm(network, originals)
+    assert network[1] is plain[0] and network[2][0] is plain[1] and list(network.state_dict()) == keys
