@@ -166,3 +166,26 @@ def test_a_failing_pipeline_report_part_does_not_stop_the_others_and_fails_loudl
     assert manifest["pipeline"] == "tiny"
     assert [f.split(":")[0] for f in manifest["report"]["failures"]] == [
         "sample grid", "color check", "carbon ledger", "accounting"]
+
+
+@pytest.mark.slow
+def test_a_truncated_stage_a_export_stops_stage_b_before_its_first_step(tmp_path, launcher):
+    out = write_hand_off_exports(tmp_path / "out")
+    weights = out / "tiny" / "stage_a" / "export" / "model.safetensors"
+    cut_in_half(weights)
+    argv = ["stage=b", "experiment=tiny", "logger=csv", "callbacks.progress_bar=false", "data.num_workers=0",
+            "data.global_batch_size=4", f"paths.output_dir={out}", f"trainer.max_steps={STEPS}"]
+    code, output = launcher.run(argv, tmp_path / "run.log")
+    assert code != 0
+    assert f"{weights} (Stage B trains on Stage A latents), but the file is truncated" in output, output[-3000:]
+    assert f"`wurst-train stage=a experiment=tiny paths.output_dir={out}`" in output
+    assert not (out / "tiny" / "stage_b" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_a_compressor_of_other_latent_channels_is_refused_before_the_first_step(tmp_path, launcher):
+    out = write_hand_off_exports(tmp_path / "out")
+    code, output = launcher.run(stage_c_argv(out, STEPS, STEPS, "model.stage_c.c_in=8"), tmp_path / "run.log")
+    assert code != 0
+    assert "compressor_config.json has c_latent=16, but stage.module.network.c_in is 8" in output, output[-3000:]
+    assert not (stage_c_dir(out) / "checkpoints").exists()
