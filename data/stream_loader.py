@@ -110,11 +110,23 @@ class StreamLoader:
                             multiprocessing_context=self.multiprocessing_context,
                             worker_init_fn=partial(stop_only_for_parent, owner=os.getpid())
                             if self.num_workers > 0 else None)
-        for batch in loader:
+        batches = iter(loader)
+        try:
+            yield from self._hand_out(batches)
+        except Exception:
+            # A worker's error (or the stream's) ends the run: stop the other workers now rather than
+            # after the DataLoader's 5 s join per worker (one may be busy in an endless resampled stream).
+            for worker in getattr(batches, "_workers", ()):
+                if worker.is_alive():
+                    worker.terminate()  # this process's SIGTERM, which a worker obeys
+            raise
+        if self.stream.mode == "finite":
+            self.position.finish_epoch(epoch)
+
+    def _hand_out(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for batch in batches:
             if self.stats is not None:
                 self.stats.update(batch["data_stats"])
             if self.auto_advance:
                 self.position.advance(batch)
             yield batch
-        if self.stream.mode == "finite":
-            self.position.finish_epoch(epoch)
