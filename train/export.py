@@ -23,7 +23,7 @@ from wurst.models.hub.pipeline_dir import (
     NETWORK_CLASSES,
     BrokenArtifactError,
     MissingStageError,
-    canonical_target,
+    canonical_config,
     check_export,
 )
 
@@ -170,8 +170,8 @@ def read_config(export_dir: str | Path, name: str = "model") -> dict[str, Any]:
 
 def build_from_config(config: Mapping[str, Any], device: str | torch.device | None = None) -> nn.Module:
     """Instantiates an allowed network class from an exported config (no arbitrary imports)."""
-    config = dict(config)
-    target = canonical_target(config.pop("_target_", None))
+    config = canonical_config(config)
+    target = config.pop("_target_", None)
     if target not in ALLOWED_TARGETS:
         raise ValueError(
             f"refusing to build {target!r} from an exported config: only {sorted(ALLOWED_TARGETS)} are allowed"

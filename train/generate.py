@@ -71,6 +71,19 @@ def check_request(pipeline_dir: str | Path, out_dir: str | Path, height: int, wi
     sizes_only.latent_sizes(height, width)  # raises, naming the side and a size that works
 
 
+def sampler_summary(name: str, cascade, negative_prompt: str | None) -> str:
+    """One line with the settings the images are drawn with (steps, grids, guidance, hand-off)."""
+    def grid(t_grid, steps) -> str:
+        return "v2 grid (29 steps)" if t_grid == "v2" else f"{t_grid} grid, {steps} steps"
+
+    return (
+        f"sampler {name}: {cascade.sampler}; Stage C {grid(cascade.prior_t_grid, cascade.prior_steps)} at "
+        f"w = {cascade.prior_guidance_scale:g}; Stage B {grid(cascade.decoder_t_grid, cascade.decoder_steps)} at "
+        f"w = {cascade.decoder_guidance_scale:g}; hand-off z = {cascade.latent_mean:g}·x − {cascade.latent_std:g}; "
+        f"negative prompt {negative_prompt!r}"
+    )
+
+
 def generate(
     pipeline_dir: str | Path,
     prompts: list[str],
@@ -82,6 +95,7 @@ def generate(
     sampler: str = "paper",
     device: str = "cpu",
     progress: bool = True,
+    negative_prompt: str | None = None,
 ) -> list[Path]:
     """Writes ``<out_dir>/<index>-<slug>.png`` for each prompt; returns the paths.
 
@@ -90,12 +104,14 @@ def generate(
     """
     check_request(pipeline_dir, out_dir, height, width, batch_size, sampler)
     cascade = load_cascade(pipeline_dir, sampler=sampler, device=device, progress=False)
+    print(sampler_summary(sampler, cascade, negative_prompt), flush=True)
     out_dir = Path(out_dir)
     paths: list[Path] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress):
         chunk = prompts[start : start + batch_size]
         generators = [torch.Generator(device).manual_seed(seed + start + i) for i in range(len(chunk))]
-        images = cascade(chunk, height, width, generator=generators)
+        negatives = None if negative_prompt is None else [negative_prompt] * len(chunk)
+        images = cascade(chunk, height, width, generator=generators, negative_prompts=negatives)
         out_dir.mkdir(parents=True, exist_ok=True)
         for i, (prompt, image) in enumerate(zip(chunk, images)):
             path = out_dir / f"{start + i:05d}-{slug(prompt)}.png"
@@ -109,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("pipeline_dir", help="a pipeline directory with stage_a/, stage_b/, stage_c/ exports")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     parser.add_argument("--prompts-file", help="a text file, one prompt per line")
+    parser.add_argument("--negative-prompt", default=None,
+                        help="what the guided stages steer away from (as diffusers' negative_prompt; default \"\")")
     parser.add_argument("--out", default=None, help="output folder (default: <pipeline_dir>/generated)")
     parser.add_argument("--height", type=int, default=128)
     parser.add_argument("--width", type=int, default=128)
@@ -124,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError) as error:
         parser.error(str(error))
     paths = generate(args.pipeline_dir, prompts, out, args.height, args.width, args.seed, args.batch_size,
-                     args.sampler, args.device)
+                     args.sampler, args.device, negative_prompt=args.negative_prompt)
     print(f"wrote {len(paths)} images to {out}")
 
 

@@ -26,7 +26,7 @@ from wurst.models.semantic_compressor import SemanticCompressor
 from wurst.models.stage_a import StageA
 from wurst.models.stage_b import StageB
 from wurst.models.stage_c import StageC
-from wurst.models.text_encoder import TextEncoder
+from wurst.models.text_encoder import LEGACY_PAD_TOKEN_ID, TextEncoder
 
 STAGES = ("a", "b", "c")
 # config.json is data: only these classes are ever built from it (never an arbitrary import path).
@@ -51,6 +51,18 @@ def canonical_target(target: Any) -> Any:
     if isinstance(target, str) and target.startswith(_LEGACY_PREFIX) and f"wurst.{target}" in NETWORK_CLASSES:
         return f"wurst.{target}"
     return target
+
+
+def canonical_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """An exported network config as this version reads it: the class under its current name, and the
+    settings old exports did not record filled with the values they were trained with (a text encoder
+    without ``pad_token_id`` padded with open_clip's 0)."""
+    config = dict(config)
+    if "_target_" in config:
+        config["_target_"] = canonical_target(config["_target_"])
+    if config.get("_target_") == TEXT_ENCODER_TARGET:
+        config.setdefault("pad_token_id", LEGACY_PAD_TOKEN_ID)
+    return config
 
 
 class MissingStageError(FileNotFoundError):

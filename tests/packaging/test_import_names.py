@@ -107,3 +107,18 @@ def test_an_export_written_before_the_rename_still_loads(tmp_path, loader):
     assert type(loaded) is type(network)
     for key, value in network.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_a_text_encoder_exported_before_padding_was_configurable_pads_with_zero_as_it_trained(tmp_path):
+    """Its config has no pad_token_id: it was trained on open_clip's 0-padding, and is read that way."""
+    from wurst.models.hub.pipeline_dir import read_text_encoder
+
+    cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / "text_encoder" / "tiny.yaml"), resolve=True)
+    torch.manual_seed(0)
+    encoder = instantiate(cfg)
+    write_network(tmp_path, "text_encoder", encoder, cfg)
+    old = {k: v for k, v in cfg.items() if k != "pad_token_id"}
+    (tmp_path / "text_encoder_config.json").write_text(json.dumps({**old, "_target_": "models.text_encoder.TextEncoder"}))
+    loaded = read_text_encoder(tmp_path)
+    assert loaded.pad_token_id == 0 and encoder.pad_token_id == 49407
+    assert (loaded.tokenize([""])[0, 2:] == 0).all()
