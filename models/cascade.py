@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from wurst.models.diffusion import COSINE_S
 from wurst.models.samplers import SAMPLERS, Generators, cfg_eps, draw_noise, resolve_t_grid, sample
 
 TextEncoderFn = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
@@ -86,12 +87,16 @@ class CascadeSampler:
     latent_dim_scale: float = LATENT_DIM_SCALE
     vqgan_scale_factor: float | None = None
     progress: bool = False
+    # The cosine schedule offsets the stages were trained with (their exports' diffusion.schedule.s).
+    prior_schedule_s: float = COSINE_S
+    decoder_schedule_s: float = COSINE_S
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         # Stored as floats: Hydra hands over ints for "4" and the hand-off arithmetic must stay float.
-        for name in ("eta", "prior_guidance_scale", "decoder_guidance_scale", "latent_mean", "latent_std"):
+        for name in ("eta", "prior_guidance_scale", "decoder_guidance_scale", "latent_mean", "latent_std",
+                     "prior_schedule_s", "decoder_schedule_s"):
             setattr(self, name, _check_finite(name, getattr(self, name)))
         for name in ("resolution_multiple", "latent_dim_scale"):
             setattr(self, name, _check_finite(name, getattr(self, name)))
@@ -211,6 +216,7 @@ class CascadeSampler:
                 eta=self.eta,
                 progress=self.progress,
                 desc="Stage C",
+                s=self.prior_schedule_s,
             )
         # The v2 hand-off (REFERENCE.md): Stage C models (z + 1)/42, so z = 42·x − 1.
         return x * self.latent_mean - self.latent_std
@@ -293,6 +299,7 @@ class CascadeSampler:
                 eta=self.eta,
                 progress=self.progress,
                 desc="Stage B",
+                s=self.decoder_schedule_s,
             )
             # The v2 hand-off (REFERENCE.md): Stage B models ℓ/0.3764, Stage A decodes 0.3764·ℓ.
             a_device, a_dtype = _device_and_dtype(self.stage_a)

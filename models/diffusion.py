@@ -9,6 +9,10 @@ bit for bit (see ``models/samplers.py``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 # REFERENCE.md "Diffusion": cosine schedule offset and the clamp that keeps ᾱ away from 0 and 1
@@ -39,7 +43,11 @@ def _as_time(t: torch.Tensor | float, name: str = "t") -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def cosine_alpha_cumprod(t: torch.Tensor | float, s: float = COSINE_S) -> torch.Tensor:
+def cosine_alpha_cumprod(
+    t: torch.Tensor | float,
+    s: float = COSINE_S,
+    clamp: tuple[float, float] = (ALPHA_CUMPROD_MIN, ALPHA_CUMPROD_MAX),
+) -> torch.Tensor:
     """ᾱ(t) of the cosine schedule, clamped to [1e-4, 0.9999] (REFERENCE.md "Diffusion").
 
     ᾱ(t) = cos²(((t + s)/(1 + s))·π/2) / cos²((s/(1 + s))·π/2).
@@ -53,7 +61,7 @@ def cosine_alpha_cumprod(t: torch.Tensor | float, s: float = COSINE_S) -> torch.
     s_t = torch.tensor(s, dtype=torch.float32, device=t.device)
     alpha_cumprod_0 = torch.cos(s_t / (1 + s_t) * torch.pi * 0.5) ** 2
     alpha_cumprod = torch.cos((t + s_t) / (1 + s_t) * torch.pi * 0.5) ** 2 / alpha_cumprod_0
-    return alpha_cumprod.clamp(ALPHA_CUMPROD_MIN, ALPHA_CUMPROD_MAX)
+    return alpha_cumprod.clamp(float(clamp[0]), float(clamp[1]))
 
 
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -71,7 +79,13 @@ def _check_time_batch(t: torch.Tensor, x: torch.Tensor, t_name: str, x_name: str
         )
 
 
-def add_noise(x0: torch.Tensor, t: torch.Tensor | float, noise: torch.Tensor) -> torch.Tensor:
+CLAMP = (ALPHA_CUMPROD_MIN, ALPHA_CUMPROD_MAX)
+
+
+def add_noise(
+    x0: torch.Tensor, t: torch.Tensor | float, noise: torch.Tensor, s: float = COSINE_S,
+    clamp: tuple[float, float] = CLAMP,
+) -> torch.Tensor:
     """Forward process: x_t = √ᾱ(t)·x0 + √(1 − ᾱ(t))·ε (REFERENCE.md "Diffusion", "Noising").
 
     x0: ``[B, C, H, W]`` (any ``[B, ...]``); t: ``[B]`` or scalar in [0, 1]; noise: like x0.
@@ -84,7 +98,7 @@ def add_noise(x0: torch.Tensor, t: torch.Tensor | float, noise: torch.Tensor) ->
         )
     t = _as_time(t).to(x0.device)
     _check_time_batch(t, x0, "t", "x0")
-    alpha_cumprod = _per_sample(cosine_alpha_cumprod(t), x0)
+    alpha_cumprod = _per_sample(cosine_alpha_cumprod(t, s, clamp), x0)
     x_t = alpha_cumprod.sqrt() * x0 + (1 - alpha_cumprod).sqrt() * noise
     return x_t.to(x0.dtype)
 
@@ -93,6 +107,8 @@ def sample_training_t(
     batch_size: int,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    stretch: float = TRAINING_T_STRETCH,
+    t_min: float = TRAINING_T_MIN,
 ) -> torch.Tensor:
     """Training times t = clamp((1 − u)·1.08 + 0.001, 0.001, 1.0), u ~ U[0, 1) (REFERENCE.md "Diffusion").
 
@@ -103,17 +119,20 @@ def sample_training_t(
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     draw_device = generator.device if generator is not None else device
     u = torch.rand(batch_size, generator=generator, device=draw_device)
-    t = ((1 - u) * TRAINING_T_STRETCH + TRAINING_T_MIN).clamp(TRAINING_T_MIN, TRAINING_T_MAX)
+    t = ((1 - u) * stretch + t_min).clamp(t_min, TRAINING_T_MAX)
     return t.to(device) if device is not None else t
 
 
-def p2_weight(t: torch.Tensor | float, k: float = P2_K, gamma: float = P2_GAMMA) -> torch.Tensor:
+def p2_weight(
+    t: torch.Tensor | float, k: float = P2_K, gamma: float = P2_GAMMA, s: float = COSINE_S,
+    clamp: tuple[float, float] = CLAMP,
+) -> torch.Tensor:
     """Perception-prioritised loss weight (k + ᾱ/(1 − ᾱ))^(−γ) (REFERENCE.md "Diffusion", "Loss").
 
     t: any shape → weights with that shape. With k = γ = 1 this is 1 − ᾱ(t): ≈ 1e-4 at t = 0 (where
     the clamp caps ᾱ at 0.9999), 0.9999 at t = 1.
     """
-    alpha_cumprod = cosine_alpha_cumprod(t)
+    alpha_cumprod = cosine_alpha_cumprod(t, s, clamp)
     return (k + alpha_cumprod / (1 - alpha_cumprod)) ** (-gamma)
 
 
@@ -123,6 +142,8 @@ def diffusion_loss(
     t: torch.Tensor,
     k: float = P2_K,
     gamma: float = P2_GAMMA,
+    s: float = COSINE_S,
+    clamp: tuple[float, float] = CLAMP,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """p2-weighted ε-prediction loss (REFERENCE.md "Diffusion", "Loss").
 
@@ -145,5 +166,62 @@ def diffusion_loss(
         )
     squared_error = (eps_pred.float() - eps.float()) ** 2
     mse = squared_error.mean(dim=tuple(range(1, eps.dim())))  # [B]
-    per_sample = mse * p2_weight(t, k=k, gamma=gamma).float()
+    per_sample = mse * p2_weight(t, k=k, gamma=gamma, s=s, clamp=clamp).float()
     return per_sample.mean(), per_sample
+
+
+@dataclass(frozen=True)
+class DiffusionSettings:
+    """The numbers of ``conf/diffusion/<name>.yaml`` that the maths above takes, read in one place.
+
+    Training (noising, training t, loss), the samplers and the Hub export all take them from here, so a
+    run with ``diffusion.schedule.s=0.02`` trains, samples and publishes 0.02.
+    """
+
+    s: float = COSINE_S
+    clamp: tuple[float, float] = CLAMP
+    t_stretch: float = TRAINING_T_STRETCH
+    t_min: float = TRAINING_T_MIN
+    p2_k: float = P2_K
+    p2_gamma: float = P2_GAMMA
+
+    @classmethod
+    def from_config(cls, diffusion: Mapping[str, Any] | None) -> DiffusionSettings:
+        """From a ``diffusion`` config (``schedule: {name, s, clamp}``, ``training_t: {scale, eps}``,
+        ``p2: {k, gamma}``); absent keys keep REFERENCE.md's values, unknown schedule names are refused."""
+        diffusion = dict(diffusion or {})
+        schedule = dict(diffusion.get("schedule") or {})
+        if schedule.get("name", "cosine") != "cosine":
+            raise ValueError(
+                f"diffusion.schedule.name={schedule['name']!r}: only the cosine schedule (REFERENCE.md) is implemented"
+            )
+        training_t = dict(diffusion.get("training_t") or {})
+        p2 = dict(diffusion.get("p2") or {})
+        clamp = tuple(float(v) for v in schedule.get("clamp", CLAMP))
+        settings = cls(
+            s=float(schedule.get("s", COSINE_S)),
+            clamp=clamp,
+            t_stretch=float(training_t.get("scale", TRAINING_T_STRETCH)),
+            t_min=float(training_t.get("eps", TRAINING_T_MIN)),
+            p2_k=float(p2.get("k", P2_K)),
+            p2_gamma=float(p2.get("gamma", P2_GAMMA)),
+        )
+        if not (len(clamp) == 2 and 0 < clamp[0] < clamp[1] < 1) or not settings.s > 0:
+            raise ValueError(
+                f"diffusion.schedule s={settings.s}, clamp={list(clamp)}: need s > 0 and 0 < clamp[0] < clamp[1] < 1"
+            )
+        return settings
+
+    def alpha_cumprod(self, t: torch.Tensor | float) -> torch.Tensor:
+        return cosine_alpha_cumprod(t, self.s, self.clamp)
+
+    def add_noise(self, x0: torch.Tensor, t: torch.Tensor | float, noise: torch.Tensor) -> torch.Tensor:
+        return add_noise(x0, t, noise, self.s, self.clamp)
+
+    def training_t(
+        self, batch_size: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        return sample_training_t(batch_size, generator, device, stretch=self.t_stretch, t_min=self.t_min)
+
+    def loss(self, eps_pred: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return diffusion_loss(eps_pred, eps, t, k=self.p2_k, gamma=self.p2_gamma, s=self.s, clamp=self.clamp)

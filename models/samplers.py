@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from wurst.models.diffusion import cosine_alpha_cumprod
+from wurst.models.diffusion import COSINE_S, cosine_alpha_cumprod
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -139,12 +139,12 @@ def _draw_device(generator: torch.Generator | None, device: torch.device) -> tor
     )
 
 
-def _times_like(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+def _times_like(t: torch.Tensor | float, x: torch.Tensor, s: float = COSINE_S) -> torch.Tensor:
     """t (scalar or ``[B]``) → ᾱ(t) shaped to broadcast against ``x`` ``[B, ...]``."""
     t = torch.as_tensor(t, device=x.device)
     if t.dim() > 1 or (t.dim() == 1 and t.shape[0] not in (1, x.shape[0])):
         raise ValueError(f"times must be a scalar or [B={x.shape[0]}], got shape {tuple(t.shape)}")
-    alpha_cumprod = cosine_alpha_cumprod(t)
+    alpha_cumprod = cosine_alpha_cumprod(t, s)
     return alpha_cumprod.view(-1, *([1] * (x.dim() - 1))) if t.dim() == 1 else alpha_cumprod
 
 
@@ -163,6 +163,7 @@ def ddpm_step(
     t_prev: torch.Tensor | float,
     generator: Generators = None,
     noise: torch.Tensor | None = None,
+    s: float = COSINE_S,
 ) -> torch.Tensor:
     """One ancestral DDPM step of Würstchen from t to t_prev < t (the ``DDPMWuerstchenScheduler`` step).
 
@@ -175,8 +176,8 @@ def ddpm_step(
     drawn from ``generator`` in eps's dtype on eps's device). Returns x_prev in eps's dtype.
     """
     _check_step_inputs(x_t, eps)
-    alpha_cumprod = _times_like(t, x_t)
-    alpha_cumprod_prev = _times_like(t_prev, x_t)
+    alpha_cumprod = _times_like(t, x_t, s)
+    alpha_cumprod_prev = _times_like(t_prev, x_t, s)
     alpha = alpha_cumprod / alpha_cumprod_prev
     # The same operation order as diffusers, so float32 results match bit for bit.
     mu = (1.0 / alpha).sqrt() * (x_t - (1 - alpha) * eps / (1 - alpha_cumprod).sqrt())
@@ -199,6 +200,7 @@ def ddim_step(
     eta: float = 0.0,
     generator: Generators = None,
     noise: torch.Tensor | None = None,
+    s: float = COSINE_S,
 ) -> torch.Tensor:
     """One DDIM step (Song et al. 2021, eq. 12) from t to t_prev < t on the cosine schedule.
 
@@ -211,9 +213,9 @@ def ddim_step(
     _check_step_inputs(x_t, eps)
     if eta < 0:
         raise ValueError(f"eta must be ≥ 0 (0 = deterministic DDIM, 1 ≈ DDPM), got {eta}")
-    alpha_cumprod = _times_like(t, x_t)
+    alpha_cumprod = _times_like(t, x_t, s)
     t_prev_tensor = torch.as_tensor(t_prev, device=x_t.device)
-    alpha_cumprod_prev = _times_like(t_prev_tensor, x_t)
+    alpha_cumprod_prev = _times_like(t_prev_tensor, x_t, s)
     at_zero = t_prev_tensor == 0
     at_zero = at_zero.view(-1, *([1] * (x_t.dim() - 1))) if at_zero.dim() == 1 else at_zero
     alpha_cumprod_prev = torch.where(at_zero, torch.ones_like(alpha_cumprod_prev), alpha_cumprod_prev)
@@ -287,12 +289,14 @@ def sample(
     progress: bool = False,
     desc: str | None = None,
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    s: float = COSINE_S,
 ) -> torch.Tensor:
     """Run ``model_fn`` down ``t_grid`` from x_T: one step per consecutive pair of grid points.
 
     model_fn: ``(x [B, ...], r [B]) -> ε [B, ...]``, r in x's dtype (wrap CFG into it with
     ``cfg_eps``). x_T: ``[B, ...]`` noise at t_grid[0]. t_grid: ``[N]`` decreasing in [0, 1].
-    sampler: "ddpm" (ancestral, uses ``generator``) or "ddim" (η = ``eta``). ``progress`` shows a
+    sampler: "ddpm" (ancestral, uses ``generator``) or "ddim" (η = ``eta``); ``s``: the cosine schedule's
+    offset the model was trained with. ``progress`` shows a
     tqdm bar; ``callback(i, r, x)`` sees each new x. Returns x at t_grid[-1], ``[B, ...]``.
     """
     if sampler not in SAMPLERS:
@@ -307,9 +311,9 @@ def sample(
         r_prev = t_grid[i + 1].expand(batch)
         eps = model_fn(x, r)
         if sampler == "ddpm":
-            x = ddpm_step(x, eps, r, r_prev, generator=generator)
+            x = ddpm_step(x, eps, r, r_prev, generator=generator, s=s)
         else:
-            x = ddim_step(x, eps, r, r_prev, eta=eta, generator=generator)
+            x = ddim_step(x, eps, r, r_prev, eta=eta, generator=generator, s=s)
         if callback is not None:
             callback(i, r, x)
     return x

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from wurst.models.cascade import CascadeSampler
+from wurst.models.hub.pipeline_dir import read_provenance, trained_diffusion_settings
 from wurst.train.config import CONFIG_DIR
 from wurst.train.export import build_from_config, load_network, require_export
 
@@ -62,8 +63,9 @@ def load_cascade(
                            why="the cascade decodes with Stage B")
     settings = sampler_config(sampler) if isinstance(sampler, str) else dict(sampler)
     settings.update(overrides)
+    stage_c_dir = None
     if stage_c is None:
-        c_dir = require_export(pipeline_dir / "stage_c" / "export", "c", names=("model", "text_encoder"),
+        c_dir = stage_c_dir = require_export(pipeline_dir / "stage_c" / "export", "c", names=("model", "text_encoder"),
                                why="the cascade starts from Stage C")
         stage_c = load_network(c_dir).to(device)
         text_encoder_c = load_text_encoder(c_dir).to(device)
@@ -74,6 +76,10 @@ def load_cascade(
         raise ValueError("load_cascade: pass text_encoder_c together with stage_c")
     if hand_off:
         settings.update(hand_off)
+    # Each stage samples on the schedule it was trained with (its export's diffusion.schedule.s).
+    settings.setdefault("decoder_schedule_s", trained_diffusion_settings(read_provenance(b_dir), str(b_dir)).s)
+    if stage_c_dir is not None:
+        settings.setdefault("prior_schedule_s", trained_diffusion_settings(read_provenance(stage_c_dir), str(stage_c_dir)).s)
     return CascadeSampler(
         stage_c=stage_c,
         stage_b=load_network(b_dir).to(device),

@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from wurst.models.diffusion import add_noise, diffusion_loss, sample_training_t
+from wurst.models.diffusion import DiffusionSettings
 from wurst.train.ema import EMA
 from wurst.train.recipe import build_optimizer, linear_warmup
 
@@ -96,6 +96,8 @@ class DiffusionStageModule(L.LightningModule):
         self.optim_cfg = dict(optim)
         self.ema_cfg = dict(ema) if ema else None
         self.diffusion_cfg = dict(diffusion)
+        # conf/diffusion's schedule, training-t and p2 numbers, read once (models/diffusion.py).
+        self.diffusion = DiffusionSettings.from_config(self.diffusion_cfg)
         self.log_every = log_every
         self.ema: EMA | None = None
         self.max_bad_steps = int(max_bad_steps)
@@ -126,14 +128,11 @@ class DiffusionStageModule(L.LightningModule):
 
     def diffusion_step(self, batch: Mapping[str, Any]) -> torch.Tensor:
         x0, cond, batch_size = self.diffusion_inputs(batch)
-        t = sample_training_t(batch_size, device=x0.device)
+        t = self.diffusion.training_t(batch_size, device=x0.device)
         noise = torch.randn_like(x0)
-        x_t = add_noise(x0, t, noise)
+        x_t = self.diffusion.add_noise(x0, t, noise)
         eps_pred = self.network(x_t, t, **cond)
-        p2 = self.diffusion_cfg.get("p2", {})
-        loss, _per_sample = diffusion_loss(
-            eps_pred.float(), noise.float(), t, k=float(p2.get("k", 1.0)), gamma=float(p2.get("gamma", 1.0))
-        )
+        loss, _per_sample = self.diffusion.loss(eps_pred.float(), noise.float(), t)
         mse = (eps_pred.float() - noise.float()).pow(2).mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/mse", mse, batch_size=batch_size)

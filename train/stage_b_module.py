@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from wurst.models.diffusion import add_noise
 from wurst.models.samplers import linear_t_grid, sample
 from wurst.train.diffusion_module import DiffusionStageModule, instantiate_network, network_config
 from wurst.train.export import load_network, require_export
@@ -66,7 +65,8 @@ class StageBModule(DiffusionStageModule):
         # Before Lightning wraps the module in DDP: the compressor, trained jointly, normalises with the
         # global batch's statistics (the official script's SyncBatchNorm; train/sync_batchnorm.py).
         if stage == "fit" and self.sync_batchnorm and self.trainer.world_size > 1:
-            self.replaced_batchnorms = convert_to_sync_batchnorm(self.compressor, self.trainer.strategy.root_device.type)
+            device_type = self.trainer.strategy.root_device.type
+            self.replaced_batchnorms = convert_to_sync_batchnorm(self.compressor, device_type)
 
     def teardown(self, stage: str) -> None:
         revert_sync_batchnorm(self.compressor, self.replaced_batchnorms)
@@ -97,7 +97,7 @@ class StageBModule(DiffusionStageModule):
         zero = torch.rand(()).item() < self.effnet_zero_prob
         if not zero and torch.rand(()).item() < self.effnet_noise_prob:
             t = torch.rand(z.shape[0], device=z.device) * self.effnet_noise_t_max
-            z = add_noise(z, t, torch.randn_like(z))
+            z = self.diffusion.add_noise(z, t, torch.randn_like(z))
         return z * 0.0 if zero else z
 
     def diffusion_inputs(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, Any], int]:

@@ -30,6 +30,7 @@ from diffusers import DDPMWuerstchenScheduler
 from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
 
 from wurst.models.diffusers_compat import check_state_dict_compatible
+from wurst.models.diffusion import CLAMP
 from wurst.models.hub.clip_text_model import (
     TEXT_PROJECTION_FILE,
     clip_text_config,
@@ -56,6 +57,7 @@ from wurst.models.hub.pipeline_dir import (
     read_provenance,
     read_state_dict,
     read_text_encoder,
+    trained_diffusion_settings,
     weights_file,
     write_json,
     write_safetensors,
@@ -68,8 +70,6 @@ DIFFUSERS_CLASSES = {"a": PaellaVQModel, "b": WuerstchenDiffNeXt, "c": Wuerstche
 # (beta weights Stage A's commitment loss; gradient checkpointing is a training switch).
 OURS_ONLY = {"a": ("beta",), "b": ("gradient_checkpointing",), "c": ("gradient_checkpointing",)}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# What diffusers' DDPMWuerstchenScheduler hard-codes (REFERENCE.md "Diffusion").
-FIXED_SCHEDULE = {"name": "cosine", "clamp": [1.0e-4, 0.9999]}
 # The hand-off z = latent_mean·x − latent_std that WuerstchenCombinedPipeline builds its prior pipeline
 # with (REFERENCE.md "Hand-offs"); it has no argument to change them.
 PIPELINE_HAND_OFF = {"latent_mean": 42.0, "latent_std": 1.0}
@@ -96,18 +96,14 @@ def _cast(state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, to
 
 def _check_diffusion_settings(stage: str, provenance: Mapping[str, Any]) -> float:
     """The schedule's s for the scheduler config; refuses settings diffusers' pipelines cannot express."""
-    diffusion = (provenance.get("config") or {}).get("diffusion") or {}
-    schedule = diffusion.get("schedule") or {}
-    name, clamp = schedule.get("name", FIXED_SCHEDULE["name"]), schedule.get("clamp")
-    if name != FIXED_SCHEDULE["name"] or (
-        clamp is not None and [float(c) for c in clamp] != FIXED_SCHEDULE["clamp"]
-    ):
+    settings = trained_diffusion_settings(provenance, f"Stage {stage.upper()}'s provenance")
+    if settings.clamp != CLAMP:
         raise ValueError(
-            f"Stage {stage.upper()} was trained with diffusion.schedule name={name!r} clamp={clamp!r}, but diffusers' "
-            f"DDPMWuerstchenScheduler fixes the cosine schedule clamped to {FIXED_SCHEDULE['clamp']}; the exported "
+            f"Stage {stage.upper()} was trained with diffusion.schedule clamp={list(settings.clamp)}, but diffusers' "
+            f"DDPMWuerstchenScheduler fixes the cosine schedule clamped to {list(CLAMP)}; the exported "
             "folder would sample a different process"
         )
-    return float(schedule.get("s", 0.008))
+    return settings.s
 
 
 def stage_c_hand_off(export_dir: Path, provenance: Mapping[str, Any]) -> dict[str, float]:

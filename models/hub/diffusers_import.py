@@ -32,6 +32,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from wurst.models.cascade import check_cascade_configs
 from wurst.models.diffusers_compat import from_diffusers
+from wurst.models.diffusion import COSINE_S
 from wurst.models.hub.clip_text_model import (
     TEXT_PROJECTION_FILE,
     transformers_to_open_clip,
@@ -75,7 +76,6 @@ log = logging.getLogger(__name__)
 DIFFUSERS_CLASSES = {"a": PaellaVQModel, "b": WuerstchenDiffNeXt, "c": WuerstchenPrior}
 OUR_CLASSES = {"a": StageA, "b": StageB, "c": StageC}
 # What our sampler and training assume (REFERENCE.md "Diffusion"; models/cascade.py hand-offs).
-OUR_SCHEDULER = {"s": 0.008, "scaler": 1.0}
 OUR_HAND_OFF = {
     "latent_mean": 42.0,
     "latent_std": 1.0,
@@ -290,17 +290,18 @@ def check_tokenizer(component: Component, text_encoder: TextEncoder) -> dict[str
     }
 
 
-def check_scheduler(stage: str, component: Component) -> None:
+def scheduler_diffusion_config(stage: str, component: Component) -> dict[str, Any]:
+    """The folder's DDPMWuerstchenScheduler as our ``diffusion`` config (its cosine offset ``s``), which the
+    provenance records so that our sampler and a fine-tune use the same schedule; refuses what we cannot run."""
     path = component.scheduler / SCHEDULER_CONFIG if component.scheduler else None
-    if path is None or not path.is_file():
-        return
-    config = read_json(path)
-    for key, ours in OUR_SCHEDULER.items():
-        if key in config and float(config[key]) != ours:
-            raise ValueError(
-                f"Stage {stage.upper()}'s scheduler ({path}) has {key}={config[key]}, our cosine schedule uses {ours} "
-                '(REFERENCE.md "Diffusion"); our sampler cannot reproduce this folder'
-            )
+    config = read_json(path) if path is not None and path.is_file() else {}
+    scaler = float(config.get("scaler", 1.0))
+    if scaler != 1.0:
+        raise ValueError(
+            f"Stage {stage.upper()}'s scheduler ({path}) has scaler={scaler}; our cosine schedule has no time "
+            'scaling (REFERENCE.md "Diffusion"), so our sampler cannot reproduce this folder'
+        )
+    return {"schedule": {"name": "cosine", "s": float(config.get("s", COSINE_S))}}
 
 
 def stage_c_hand_off_of(component: Component, summary: dict[str, Any]) -> dict[str, float]:
@@ -418,7 +419,7 @@ def import_diffusers(
             write_network(export_dir, "model", state, {"_target_": STAGE_TARGETS[stage], **kwargs})
             extra: dict[str, Any] = {}
             if stage in ("b", "c"):
-                check_scheduler(stage, component)
+                extra["config"] = {"diffusion": scheduler_diffusion_config(stage, component)}
                 text_encoder, text_kwargs = load_text_encoder(component, torch_dtype)
                 extra["tokenizer"] = check_tokenizer(component, text_encoder)
                 write_network(

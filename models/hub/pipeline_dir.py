@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from wurst.models.diffusion import DiffusionSettings
 from wurst.models.semantic_compressor import SemanticCompressor
 from wurst.models.stage_a import StageA
 from wurst.models.stage_b import StageB
@@ -275,6 +276,16 @@ def read_config(export_dir: str | Path, name: str = "model") -> dict[str, Any]:
 
 def read_provenance(export_dir: str | Path) -> dict[str, Any]:
     return read_json(Path(export_dir) / "provenance.json")
+
+
+def trained_diffusion_settings(provenance: Mapping[str, Any], source: str = "provenance") -> DiffusionSettings:
+    """The diffusion settings (schedule s, clamp, training t, p2) a stage export was trained with, from its
+    provenance's resolved config; an export that records none (an import) used REFERENCE.md's."""
+    config = provenance.get("config") or {}
+    try:
+        return DiffusionSettings.from_config(config.get("diffusion"))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{source}: config.diffusion cannot be read ({error})") from error
 
 
 def read_state_dict(export_dir: str | Path, name: str = "model") -> dict[str, torch.Tensor]:
