@@ -71,3 +71,11 @@ def test_a_stage_trained_with_s_002_is_exported_imported_and_sampled_with_s_002(
     assert read_provenance(imported / "stage_c" / "export")["config"]["diffusion"]["schedule"]["s"] == S
     cascade = load_cascade(imported, sampler="tiny")
     assert (cascade.prior_schedule_s, cascade.decoder_schedule_s) == (S, 0.008)
+
+
+def test_the_paper_diffusion_config_holds_reference_md_s_numbers():
+    from omegaconf import OmegaConf
+
+    settings = DiffusionSettings.from_config(OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "diffusion" / "paper.yaml")))
+    # REFERENCE.md "Diffusion, as the official code does it".
+    assert settings == DiffusionSettings(s=0.008, clamp=(1e-4, 0.9999), t_stretch=1.08, t_min=0.001, p2_k=1.0, p2_gamma=1.0)
