@@ -70,7 +70,8 @@ class StageAModule(L.LightningModule):
         # Before Lightning wraps the module in DDP: the latent BatchNorm normalises with the global
         # batch's statistics, identical on every rank (train/sync_batchnorm.py).
         if stage == "fit" and self.hparams.sync_batchnorm and self.trainer.world_size > 1:
-            self.replaced_batchnorms = convert_to_sync_batchnorm(self.network, self.trainer.strategy.root_device.type)
+            device_type = self.trainer.strategy.root_device.type
+            self.replaced_batchnorms = convert_to_sync_batchnorm(self.network, device_type)
 
     def teardown(self, stage: str) -> None:
         revert_sync_batchnorm(self.network, self.replaced_batchnorms)

@@ -8,10 +8,9 @@ stage module converts in ``setup`` (before Lightning wraps it in DDP) and puts t
 replaced back in ``teardown``, so a checkpoint or export made at any time holds the plain keys
 (BatchNorm2d and SyncBatchNorm share them) and the module after ``fit`` is plain again.
 
-On accelerators the twins are torch's ``nn.SyncBatchNorm`` (timm's ``SyncBatchNormAct`` for timm's
-``BatchNormAct2d``, norm + dropout + activation). torch's class refuses CPU tensors, and DDP refuses a
-CPU module holding one, so on CPU (gloo) the twin is :class:`CPUSyncBatchNorm`: the same arithmetic
-through one differentiable all-reduce of per-channel sums, sums of squares and counts.
+On accelerators the twin is torch's ``nn.SyncBatchNorm``. torch's class refuses CPU tensors, and DDP
+refuses a CPU module holding one, so on CPU (gloo) the twin is :class:`CPUSyncBatchNorm`: the same
+arithmetic through one differentiable all-reduce of per-channel sums, sums of squares and counts.
 """
 
 from __future__ import annotations
@@ -47,7 +46,7 @@ def _cpu_sync_batch_norm(bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
     local = x.double()  # E[x²] − E[x]² in float64: no cancellation worth the name at these sizes
     count = torch.full((1,), x.numel() // channels, dtype=torch.float64, device=x.device)
     stats = _SumOverRanks.apply(torch.cat([local.sum(dims), local.square().sum(dims), count]), group)
-    total, squares, n = stats[:channels], stats[channels:2 * channels], stats[2 * channels]
+    total, squares, n = stats[:channels], stats[channels : 2 * channels], stats[2 * channels]
     mean = total / n
     var = (squares / n - mean.square()).clamp_min(0.0)  # biased: what the normalisation uses
     if bn.track_running_stats and bn.running_mean is not None:
@@ -77,39 +76,18 @@ class CPUSyncBatchNorm(_BatchNorm):
         return super().forward(x)
 
 
-class CPUSyncBatchNormAct(CPUSyncBatchNorm):
-    """The CPU twin of timm's ``BatchNormAct2d``: the synchronised norm, then its ``drop`` and ``act``."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.drop(super().forward(x)))
-
-
-def _is_timm_norm_act(bn: _BatchNorm) -> bool:
-    if not type(bn).__module__.startswith("timm."):
-        return False
-    from timm.layers import BatchNormAct2d
-
-    return isinstance(bn, BatchNormAct2d)
-
-
 def _synced_twin(bn: _BatchNorm, device_type: str) -> _BatchNorm:
     """A synchronised BatchNorm sharing ``bn``'s parameters and running-statistics tensors."""
-    with_act = _is_timm_norm_act(bn)
-    if device_type == "cpu":
-        cls = CPUSyncBatchNormAct if with_act else CPUSyncBatchNorm
-    elif with_act:
-        from timm.layers import SyncBatchNormAct as cls
-    else:
-        cls = nn.SyncBatchNorm
+    if len(bn._modules):  # e.g. a norm + activation layer: its forward is more than a BatchNorm's
+        raise TypeError(
+            f"convert_to_sync_batchnorm: {type(bn).__name__} has submodules; no synchronised twin known"
+        )
+    cls = CPUSyncBatchNorm if device_type == "cpu" else nn.SyncBatchNorm
     twin = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
     for name, param in bn._parameters.items():
         twin._parameters[name] = param
     for name, buffer in bn._buffers.items():
         twin._buffers[name] = buffer
-    if with_act:
-        twin.drop, twin.act = bn.drop, bn.act
-    elif len(bn._modules):
-        raise TypeError(f"convert_to_sync_batchnorm: {type(bn).__name__} has submodules; no synchronised twin known")
     twin.train(bn.training)
     return twin
 
@@ -127,9 +105,13 @@ def convert_to_sync_batchnorm(root: nn.Module, device_type: str) -> dict[str, _B
     for name, module in list(root.named_modules()):
         if isinstance(module, _BatchNorm) and not isinstance(module, SYNCED):
             if not name:
-                raise ValueError("convert_to_sync_batchnorm: pass the network holding the BatchNorm, not the layer")
+                raise ValueError(
+                    "convert_to_sync_batchnorm: pass the network holding the BatchNorm, not the layer"
+                )
             parent, _, leaf = name.rpartition(".")
-            root.get_submodule(parent).add_module(leaf, _synced_twin(module, device_type))  # same place, same order
+            root.get_submodule(parent).add_module(
+                leaf, _synced_twin(module, device_type)
+            )  # same place, same order
             originals[name] = module
     return originals
 

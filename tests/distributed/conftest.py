@@ -43,7 +43,9 @@ STAGE_EXTRA = {"a": ["stage.module.disc_start=2", "trainer.log_every_n_steps=1"]
 
 
 def _train_tests_conftest() -> Any:
-    spec = importlib.util.spec_from_file_location("wurst_tests_train_conftest", REPO / "tests" / "train" / "conftest.py")
+    spec = importlib.util.spec_from_file_location(
+        "wurst_tests_train_conftest", REPO / "tests" / "train" / "conftest.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -65,16 +67,30 @@ def hand_off(output_dir: Path, stage: str) -> Path:
 def stage_overrides(stage: str, output_dir: Path, data_dir: Path, steps: int | None = None) -> list[str]:
     """The Hydra overrides of a tiny ``stage`` run (process layout excluded)."""
     return [
-        f"stage={stage}", "experiment=tiny", f"paths.output_dir={output_dir}", f"paths.data_dir={data_dir}",
-        "logger=csv", "callbacks.progress_bar=false", "data.num_workers=0",
-        f"trainer.max_steps={STEPS[stage] if steps is None else steps}", f"checkpoint_every={CHECKPOINT_EVERY}",
+        f"stage={stage}",
+        "experiment=tiny",
+        f"paths.output_dir={output_dir}",
+        f"paths.data_dir={data_dir}",
+        "logger=csv",
+        "callbacks.progress_bar=false",
+        "data.num_workers=0",
+        f"trainer.max_steps={STEPS[stage] if steps is None else steps}",
+        f"checkpoint_every={CHECKPOINT_EVERY}",
         *STAGE_EXTRA[stage],
     ]
 
 
 def torchrun_argv(overrides: list[str]) -> list[str]:
-    return [str(TORCHRUN), "--standalone", f"--nproc_per_node={WORLD}", str(PAYLOAD), "trainer=ddp",
-            "trainer.accelerator=cpu", f"trainer.devices={WORLD}", *overrides]
+    return [
+        str(TORCHRUN),
+        "--standalone",
+        f"--nproc_per_node={WORLD}",
+        str(PAYLOAD),
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        f"trainer.devices={WORLD}",
+        *overrides,
+    ]
 
 
 def run_env() -> dict[str, str]:
@@ -84,8 +100,9 @@ def run_env() -> dict[str, str]:
 def launch(argv: list[str], log: Path) -> subprocess.Popen:
     """Starts ``argv`` in its own session with output to ``log``."""
     with open(log, "w") as handle:
-        return subprocess.Popen(argv, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env=run_env(),
-                                start_new_session=True)
+        return subprocess.Popen(
+            argv, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env=run_env(), start_new_session=True
+        )
 
 
 def process_tree(pid: int) -> list[int]:
@@ -179,7 +196,7 @@ def compose(overrides: list[str]):
 
 
 def with_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 @pytest.fixture(scope="session")
@@ -188,8 +205,9 @@ def data_dir(tmp_path_factory) -> Path:
     from wurst.data.synthetic import write_synthetic_shards
 
     root = tmp_path_factory.mktemp("data")
-    write_synthetic_shards(root / "synthetic", num_samples=64, num_shards=4, resolution=128, seed=0,
-                           fail_fractions={})
+    write_synthetic_shards(
+        root / "synthetic", num_samples=64, num_shards=4, resolution=128, seed=0, fail_fractions={}
+    )
     return root
 
 

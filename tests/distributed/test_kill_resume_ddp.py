@@ -40,7 +40,9 @@ def test_kill_9_and_resume_give_the_weights_of_the_uninterrupted_run(tmp_path, d
     first = launch(argv, tmp_path / "first.log")
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while not checkpoint.exists():  # written to a temporary file, then renamed: complete once it exists
-        assert first.poll() is None, f"the run ended before step {KILL_AFTER}:\n{(tmp_path / 'first.log').read_text()[-3000:]}"
+        assert first.poll() is None, (
+            f"the run ended before step {KILL_AFTER}:\n{(tmp_path / 'first.log').read_text()[-3000:]}"
+        )
         assert time.monotonic() < deadline, f"no {checkpoint.name} after {RUN_TIMEOUT_S} s"
         time.sleep(0.05)
     kill_tree(first)
@@ -55,6 +57,8 @@ def test_kill_9_and_resume_give_the_weights_of_the_uninterrupted_run(tmp_path, d
         assert killed.record(rank)["step"] == STEPS["b"]
         worst, different = max_abs_difference(straight.state(rank), killed.state(rank))
         print(f"\nrank {rank}: max |uninterrupted - killed+resumed| = {worst}")
-        assert different == [], f"rank {rank}: {len(different)} tensors differ (max |Δ| {worst}), e.g. {different[:4]}"
+        assert different == [], (
+            f"rank {rank}: {len(different)} tensors differ (max |Δ| {worst}), e.g. {different[:4]}"
+        )
     for name in ("model", "compressor"):
         assert max_abs_difference(straight.export(name), killed.export(name))[1] == [], name

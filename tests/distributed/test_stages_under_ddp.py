@@ -23,14 +23,21 @@ pytestmark = pytest.mark.slow
 def assert_identical_ranks(run) -> None:
     states = [run.ranks.state(rank) for rank in range(WORLD)]
     worst, different = max_abs_difference(states[0], states[1])
-    print(f"\nstage {run.stage.upper()}: {len(states[0])} tensors, max |rank0 - rank1| = {worst} "
-          f"after {STEPS[run.stage]} steps ({run.seconds:.0f} s)")
-    assert different == [], f"{len(different)} tensors differ between the ranks (max |Δ| {worst}), e.g. {different[:4]}"
+    print(
+        f"\nstage {run.stage.upper()}: {len(states[0])} tensors, max |rank0 - rank1| = {worst} "
+        f"after {STEPS[run.stage]} steps ({run.seconds:.0f} s)"
+    )
+    assert different == [], (
+        f"{len(different)} tensors differ between the ranks (max |Δ| {worst}), e.g. {different[:4]}"
+    )
 
 
 def assert_ddp_without_unused_parameter_search(run) -> None:
     records = [run.ranks.record(rank) for rank in range(WORLD)]
-    assert [(r["rank"], r["world_size"], r["step"]) for r in records] == [(0, 2, STEPS[run.stage]), (1, 2, STEPS[run.stage])]
+    assert [(r["rank"], r["world_size"], r["step"]) for r in records] == [
+        (0, 2, STEPS[run.stage]),
+        (1, 2, STEPS[run.stage]),
+    ]
     # The fast path: DDP does not traverse the graph for unused parameters.
     assert {r["find_unused_parameters"] for r in records} == {False}
 
@@ -46,13 +53,17 @@ def test_stage_a_ranks_end_identical_through_both_discriminator_phases(ddp_stage
 
 
 def test_stage_b_ranks_end_identical_after_a_one_rank_zeroed_compressor_batch(ddp_stage_b):
-    draws = [{d["step"]: d["zeroed"] for d in ddp_stage_b.ranks.lines(rank, "draws")} for rank in range(WORLD)]
+    draws = [
+        {d["step"]: d["zeroed"] for d in ddp_stage_b.ranks.lines(rank, "draws")} for rank in range(WORLD)
+    ]
     one_rank_only = [step for step in draws[0] if draws[0][step] != draws[1][step]]
     assert one_rank_only, f"no step zeroed the compressor latents on one rank only: {draws}"
     assert_ddp_without_unused_parameter_search(ddp_stage_b)
     assert_identical_ranks(ddp_stage_b)
     state = ddp_stage_b.ranks.state(0)
-    assert max_abs_difference(with_prefix(state, "compressor."), ddp_stage_b.ranks.export("compressor"))[1] == []
+    assert (
+        max_abs_difference(with_prefix(state, "compressor."), ddp_stage_b.ranks.export("compressor"))[1] == []
+    )
     assert max_abs_difference(with_prefix(state, "ema.shadow."), ddp_stage_b.ranks.export("model"))[1] == []
 
 

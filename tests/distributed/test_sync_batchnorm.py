@@ -36,12 +36,19 @@ def test_the_tiny_recipe_syncs_batchnorm_too(stage):
 @pytest.mark.slow
 def test_two_synced_ranks_train_as_one_process_on_the_whole_batch(tmp_path):
     result_file, log = tmp_path / "result.json", tmp_path / "equivalence.log"
-    argv = [str(TORCHRUN), "--standalone", f"--nproc_per_node={WORLD}",
-            str(REPO / "tests" / "distributed" / "payloads" / "sync_batchnorm_equivalence.py"), str(result_file)]
+    argv = [
+        str(TORCHRUN),
+        "--standalone",
+        f"--nproc_per_node={WORLD}",
+        str(REPO / "tests" / "distributed" / "payloads" / "sync_batchnorm_equivalence.py"),
+        str(result_file),
+    ]
     finish(launch(argv, log), log, timeout_s=240)
     result = json.loads(result_file.read_text())
-    print(f"\nsynced 2 ranks vs one process: outputs {result['output']:.2e}, "
-          f"state {max(result['state'].values()):.2e}")
+    print(
+        f"\nsynced 2 ranks vs one process: outputs {result['output']:.2e}, "
+        f"state {max(result['state'].values()):.2e}"
+    )
     assert (result["trained_as"], result["reverted_to"]) == ("CPUSyncBatchNorm", "BatchNorm2d")
     assert result["output"] < 1e-5
     assert max(result["state"].values()) < 1e-5, result["state"]
@@ -52,9 +59,13 @@ def test_stage_b_ranks_end_with_the_same_compressor_batchnorm_statistics(ddp_sta
     records = [ddp_stage_b.ranks.record(rank) for rank in range(WORLD)]
     assert all("CPUSyncBatchNorm" in r["batchnorm_classes"] for r in records)
     compressor = [with_prefix(ddp_stage_b.ranks.state(rank), "compressor.") for rank in range(WORLD)]
-    stats = {k: v for k, v in compressor[0].items() if k.rsplit(".", 1)[-1].startswith(("running_", "num_batches"))}
+    stats = {
+        k: v for k, v in compressor[0].items() if k.rsplit(".", 1)[-1].startswith(("running_", "num_batches"))
+    }
     assert stats and all(int(v) == STEPS["b"] for k, v in stats.items() if k.endswith("num_batches_tracked"))
-    moved = [k for k, v in stats.items() if k.endswith("running_var") and not torch.equal(v, torch.ones_like(v))]
+    moved = [
+        k for k, v in stats.items() if k.endswith("running_var") and not torch.equal(v, torch.ones_like(v))
+    ]
     assert moved, "the running statistics never changed"
     worst, different = max_abs_difference(stats, {k: compressor[1][k] for k in stats})
     print(f"\n{len(stats)} compressor BatchNorm statistics tensors, max |rank0 - rank1| = {worst}")
@@ -74,24 +85,34 @@ def test_the_exported_compressor_is_plain_batchnorm_and_loads_in_one_process(ddp
 
 
 def network_with_batchnorms() -> nn.Module:
-    from timm.layers import BatchNormAct2d
-
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(BatchNormAct2d(4, act_layer=nn.SiLU)))
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    )
 
 
 @pytest.mark.parametrize("device_type", ["cpu", "cuda"])
 def test_the_twins_share_the_tensors_and_keys_and_revert_to_the_very_same_modules(device_type):
-    from timm.layers import SyncBatchNormAct
-
     network = network_with_batchnorms()
-    plain = [network[1], network[2][0]]
+    plain = [network[1], network[2][1]]
     keys, tensors = list(network.state_dict()), [t.data_ptr() for t in network.state_dict().values()]
     originals = convert_to_sync_batchnorm(network, device_type)
-    twins = [network[1], network[2][0]]
-    expected = (CPUSyncBatchNorm, CPUSyncBatchNorm) if device_type == "cpu" else (nn.SyncBatchNorm, SyncBatchNormAct)
-    assert all(isinstance(t, cls) for t, cls in zip(twins, expected))
-    assert isinstance(twins[1].act, nn.SiLU)  # timm's norm + activation keeps its activation
-    assert list(network.state_dict()) == keys and [t.data_ptr() for t in network.state_dict().values()] == tensors
+    twins = [network[1], network[2][1]]
+    expected = CPUSyncBatchNorm if device_type == "cpu" else nn.SyncBatchNorm
+    assert all(type(t) is expected for t in twins)
+    assert (
+        list(network.state_dict()) == keys
+        and [t.data_ptr() for t in network.state_dict().values()] == tensors
+    )
     assert twins[0].weight is plain[0].weight
     revert_sync_batchnorm(network, originals)
-    assert network[1] is plain[0] and network[2][0] is plain[1] and list(network.state_dict()) == keys
+    assert network[1] is plain[0] and network[2][1] is plain[1] and list(network.state_dict()) == keys
+
+
+def test_a_batchnorm_with_submodules_is_refused_not_silently_changed():
+    class NormAct(nn.BatchNorm2d):
+        def __init__(self, channels: int):
+            super().__init__(channels)
+            self.act = nn.SiLU()
+
+    with pytest.raises(TypeError, match="NormAct has submodules"):
+        convert_to_sync_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 1), NormAct(4)), "cpu")

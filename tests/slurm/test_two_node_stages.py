@@ -36,25 +36,38 @@ DISTRIBUTED = _distributed_conftest()
 
 def two_node_argv(stage: str, output_dir: Path, data_dir: Path) -> list[str]:
     return [
-        PYTHON, str(DISTRIBUTED.PAYLOAD), "trainer=ddp", "trainer.num_nodes=2", "trainer.devices=1",
-        "trainer.accelerator=cpu", *DISTRIBUTED.stage_overrides(stage, output_dir, data_dir),
+        PYTHON,
+        str(DISTRIBUTED.PAYLOAD),
+        "trainer=ddp",
+        "trainer.num_nodes=2",
+        "trainer.devices=1",
+        "trainer.accelerator=cpu",
+        *DISTRIBUTED.stage_overrides(stage, output_dir, data_dir),
     ]
 
 
 @pytest.fixture(scope="module")
 def stage_jobs(cluster, data_dir, tmp_path_factory, make_job) -> dict[str, dict[str, Any]]:
     """The three two-node jobs, submitted together so they share the two nodes' time."""
-    env = {**yaml.safe_load((REPO / "conf" / "slurm" / "loopback.yaml").read_text())["env"], "OMP_NUM_THREADS": "1"}
+    env = {
+        **yaml.safe_load((REPO / "conf" / "slurm" / "loopback.yaml").read_text())["env"],
+        "OMP_NUM_THREADS": "1",
+    }
     jobs = {}
     for stage in STAGES:
         root = tmp_path_factory.mktemp(f"two-node-{stage}")
         output_dir = DISTRIBUTED.hand_off(root / "outputs", stage)
         log, script = root / "job.out", root / "job.sbatch"
-        job = make_job(f"wurst-test-ddp-{stage}", log, nodes=2, tasks_per_node=1, time="15",
-                       signal_seconds=None, env=env)
+        job = make_job(
+            f"wurst-test-ddp-{stage}", log, nodes=2, tasks_per_node=1, time="15", signal_seconds=None, env=env
+        )
         job_id = submit(job, two_node_argv(stage, output_dir, data_dir), script)
-        jobs[stage] = {"id": job_id, "log": log, "script": script,
-                       "run_dir": output_dir / "tiny" / f"stage_{stage}"}
+        jobs[stage] = {
+            "id": job_id,
+            "log": log,
+            "script": script,
+            "run_dir": output_dir / "tiny" / f"stage_{stage}",
+        }
     return jobs
 
 
@@ -78,4 +91,6 @@ def test_two_nodes_end_with_identical_state_on_both_ranks(stage, stage_jobs, wai
     print(f"\nstage {stage.upper()} on n1+n2: {len(states[0])} tensors, max |rank0 - rank1| = {worst}")
     assert different == [], f"{len(different)} tensors differ between the nodes, e.g. {different[:4]}"
     exported = ranks.export("model")
-    assert DISTRIBUTED.max_abs_difference(DISTRIBUTED.with_prefix(states[0], "ema.shadow."), exported)[1] == []
+    assert (
+        DISTRIBUTED.max_abs_difference(DISTRIBUTED.with_prefix(states[0], "ema.shadow."), exported)[1] == []
+    )

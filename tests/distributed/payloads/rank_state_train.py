@@ -41,9 +41,13 @@ class RankState(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.batchnorm_classes = sorted({type(m).__name__ for m in pl_module.modules() if isinstance(m, _BatchNorm)})
+        self.batchnorm_classes = sorted(
+            {type(m).__name__ for m in pl_module.modules() if isinstance(m, _BatchNorm)}
+        )
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int
+    ) -> None:
         record = {"step": trainer.global_step, "keys": list(batch.get("keys", []))}
         with open(self.folder / f"rank{trainer.global_rank}.batches.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
@@ -79,7 +83,9 @@ def observe() -> None:
         folder = Path(self.trainer.default_root_dir) / "rank_state"
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / f"rank{self.global_rank}.draws.jsonl", "a") as handle:
-            handle.write(json.dumps({"step": self.global_step, "zeroed": not bool(out.detach().any())}) + "\n")
+            handle.write(
+                json.dumps({"step": self.global_step, "zeroed": not bool(out.detach().any())}) + "\n"
+            )
         return out
 
     StageBModule.condition_latents = condition_latents

@@ -17,7 +17,9 @@ from wurst.train.sync_batchnorm import convert_to_sync_batchnorm, revert_sync_ba
 
 def net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4)
+    )
 
 
 def main() -> None:
@@ -43,8 +45,10 @@ def main() -> None:
         opt_whole.zero_grad()
         out_diff = max(out_diff, (out - ref.chunk(world)[rank]).abs().max().item())
     revert_sync_batchnorm(synced, originals)
-    state_diff = {k: (v.double() - whole.state_dict()[k].double()).abs().max().item()
-                  for k, v in synced.state_dict().items()}
+    state_diff = {
+        k: (v.double() - whole.state_dict()[k].double()).abs().max().item()
+        for k, v in synced.state_dict().items()
+    }
     gathered = [None] * world
     dist.all_gather_object(gathered, {"out": out_diff, "state": state_diff})
     if rank == 0:
