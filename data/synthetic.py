@@ -61,24 +61,59 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, center: tuple[float, float
                    y - (radius if i % 2 == 0 else radius / 2.5) * math.cos(i * math.pi / 5)) for i in range(10)]
         draw.polygon(points, fill=color)
     else:
-        sides, rotation = {"triangle": (3, 0), "diamond": (4, 0), "hexagon": (6, 30)}[shape]
+        # PIL's rotation 0 puts a flat side at the bottom: a 4-gon needs 45° to stand on a corner.
+        sides, rotation = {"triangle": (3, 0), "diamond": (4, 45), "hexagon": (6, 30)}[shape]
         draw.regular_polygon((x, y, radius), sides, rotation=rotation, fill=color)
 
 
-def synthetic_image(rng: random.Random, width: int, height: int, noise: float = 0.0) -> tuple[Image.Image, str]:
-    """One picture and its caption."""
-    background, foreground = rng.sample(sorted(COLORS), 2)
-    shape = rng.choice(SHAPES)
+def caption_of(foreground: str, shape: str, background: str) -> str:
+    """The synthetic grammar: "a red circle on a blue background"."""
+    article = "an" if foreground[0] in "aeiou" else "a"
+    return f"{article} {foreground} {shape} on a {background} background"
+
+
+def combinations() -> list[tuple[str, str, str]]:
+    """Every (foreground, shape, background) the grammar can caption: 12 · 11 · 8 = 1,056."""
+    names = sorted(COLORS)
+    return [(fg, shape, bg) for fg in names for shape in SHAPES for bg in names if fg != bg]
+
+
+def held_out_combinations(fraction: float) -> frozenset[tuple[str, str, str]]:
+    """A fixed ``fraction`` of :func:`combinations` that training shards never show (seeded, independent of
+    the shard seed), so a check can prompt for (colour, colour, shape) triples the model never saw.
+    Every colour, shape and pair of them still occurs in the remaining ones (tested)."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"synth: hold_out={fraction} must be in [0, 1)")
+    everything = combinations()
+    random.Random(stream_seed(0, "held-out combinations")).shuffle(everything)
+    return frozenset(everything[: round(fraction * len(everything))])
+
+
+def draw_scene(foreground: str, shape: str, background: str, width: int, height: int,
+               center: tuple[float, float], radius: float) -> Image.Image:
+    """The picture of one (foreground, shape, background) triple, flat colours."""
     image = Image.new("RGB", (width, height), COLORS[background])
-    side = min(width, height)
-    radius = rng.uniform(0.2, 0.35) * side
-    center = (rng.uniform(radius, width - radius), rng.uniform(radius, height - radius))
     draw_shape(ImageDraw.Draw(image), shape, center, radius, COLORS[foreground])
+    return image
+
+
+def synthetic_image(rng: random.Random, width: int, height: int, noise: float = 0.0,
+                    held_out: frozenset[tuple[str, str, str]] = frozenset(),
+                    radius_range: tuple[float, float] = (0.2, 0.35)) -> tuple[Image.Image, str]:
+    """One picture and its caption; a (foreground, shape, background) in ``held_out`` is drawn again."""
+    while True:
+        background, foreground = rng.sample(sorted(COLORS), 2)
+        shape = rng.choice(SHAPES)
+        if (foreground, shape, background) not in held_out:
+            break
+    side = min(width, height)
+    radius = rng.uniform(*radius_range) * side
+    center = (rng.uniform(radius, width - radius), rng.uniform(radius, height - radius))
+    image = draw_scene(foreground, shape, background, width, height, center, radius)
     if noise > 0:  # texture, so JPEG sizes and decode times look like photographs rather than flat art
         grain = Image.effect_noise((width, height), noise).convert("RGB")
         image = ImageChops.add(image, grain, scale=1.0, offset=-128)
-    article = "an" if foreground[0] in "aeiou" else "a"
-    return image, f"{article} {foreground} {shape} on a {background} background"
+    return image, caption_of(foreground, shape, background)
 
 
 def _passing_metadata(rng: random.Random, laion_filter: LAIONFilter, aspect: float) -> dict[str, Any]:
@@ -131,7 +166,8 @@ def write_synthetic_shards(out_dir: str | os.PathLike, num_samples: int = 512, n
                            fail_fractions: Mapping[str, float] | None = None,
                            corrupt: Mapping[str, int] | None = None, truncate_last_shard: bool = False,
                            laion_filter: LAIONFilter | None = None, aspect_ratios: Sequence[float] = (1.0,),
-                           noise: float = 0.0, quality: int = 90) -> dict[str, Any]:
+                           noise: float = 0.0, quality: int = 90, hold_out: float = 0.0,
+                           radius_range: Sequence[float] = (0.2, 0.35)) -> dict[str, Any]:
     """Write ``num_shards`` tar shards of ``num_samples`` samples (in total) and their manifest.
 
     fail_fractions: {rule: fraction of samples failing it}, rules from FILTER_FAILURES; each such
@@ -140,6 +176,9 @@ def write_synthetic_shards(out_dir: str | os.PathLike, num_samples: int = 512, n
     truncate_last_shard: cut the last shard in the middle of its middle sample's image.
     aspect_ratios: image width/height ratios to draw from (images have about resolution**2 pixels).
     noise: Gaussian grain sigma (0 = flat colours).
+    hold_out: fraction of the (foreground, shape, background) combinations no sample shows
+        (:func:`held_out_combinations`); the manifest lists them.
+    radius_range: shape radius (half its extent) as a fraction of the short side, drawn uniformly.
     Returns the manifest (also written to ``out_dir/manifest.json``), with ``expected`` reader counts.
     """
     laion_filter = laion_filter or LAIONFilter()
@@ -170,6 +209,10 @@ def write_synthetic_shards(out_dir: str | os.PathLike, num_samples: int = 512, n
             fates[index] = fate
         cursor += count
 
+    held_out = held_out_combinations(hold_out)
+    low, high = (float(r) for r in radius_range)
+    if not 0 < low <= high <= 0.5:
+        raise ValueError(f"synth: radius_range={list(radius_range)} must satisfy 0 < low <= high <= 0.5")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     per_shard = math.ceil(num_samples / num_shards)
@@ -190,7 +233,7 @@ def write_synthetic_shards(out_dir: str | os.PathLike, num_samples: int = 512, n
                 aspect = rng.choice(list(aspect_ratios))
                 width = max(8, round(resolution * math.sqrt(aspect)))
                 height = max(8, round(resolution / math.sqrt(aspect)))
-                image, caption = synthetic_image(rng, width, height, noise)
+                image, caption = synthetic_image(rng, width, height, noise, held_out, (low, high))
                 buffer = io.BytesIO()
                 image.save(buffer, format="JPEG", quality=quality)
                 jpg = buffer.getvalue()
@@ -228,7 +271,8 @@ def write_synthetic_shards(out_dir: str | os.PathLike, num_samples: int = 512, n
     # A sample missing its image is still a sample (it has txt/json); one cut by truncation is not.
     expected["samples_read"] = len(readable)
     manifest = {"num_samples": num_samples, "num_shards": num_shards, "resolution": resolution, "seed": seed,
-                "shards": shard_names, "lost_to_truncation": lost, "fates": designed, "expected": expected}
+                "shards": shard_names, "lost_to_truncation": lost, "hold_out": hold_out,
+                "held_out": sorted(held_out), "radius_range": [low, high], "fates": designed, "expected": expected}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 

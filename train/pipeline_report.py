@@ -14,6 +14,7 @@ from torchvision.utils import make_grid, save_image
 
 from wurst.train.cascade_loading import load_cascade
 from wurst.train.previews import PreviewError
+from wurst.train.report_figures import write_report_figure
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,8 @@ def sample_grid(pipeline_dir: Path, prompts: list[str], sampler: str, size: int,
         rows.append(cascade([prompt] * per_prompt, size, size, generator=generators))
     path = pipeline_dir / "samples.png"
     save_image(make_grid(torch.cat(rows), nrow=per_prompt, padding=2), path)
+    # The same images labelled with their prompts, beside each stage's loss curves.
+    write_report_figure(pipeline_dir / "report.png", pipeline_dir, torch.cat(rows), prompts, per_prompt)
     return path
 
 
@@ -53,19 +56,23 @@ def report_pipeline(cfg: DictConfig, result: dict[str, Any]) -> dict[str, Any]:
 
     def grid() -> None:
         path = sample_grid(pipeline_dir, list(cfg.samples_prompts), sampler, size)
-        lines.append(f"  sample grid      {path}")
+        lines.append(f"  sample grid      {path}  (labelled, beside the loss curves: {pipeline_dir / 'report.png'})")
         summary["sample_grid"] = str(path)
+        summary["report_figure"] = str(pipeline_dir / "report.png")
 
-    def color() -> None:
-        from wurst.train.color_fidelity import color_fidelity
+    def curves() -> None:  # from the CSV logs alone, so they exist even when the cascade cannot sample
+        path = write_report_figure(pipeline_dir / "loss_curves.png", pipeline_dir, None, [], 0)
+        if path is not None:  # no stage has CSV logs: nothing to plot
+            lines.append(f"  loss curves      {path}")
+            summary["loss_curves"] = str(path)
 
-        check = color_fidelity(pipeline_dir, per_color=int(report.get("per_color", 2)), size=size, sampler=sampler)
-        summary["color_check"] = check
-        (pipeline_dir / "color_check.json").write_text(json.dumps(check, indent=2))
-        lines.append(
-            f"  color check      background color right in {check['background_color_accuracy']:.0%} of "
-            f"{check['images']} images (chance {check['chance']:.0%})"
-        )
+    def color() -> None:  # background, foreground and shape read from the images, per stage
+        from wurst.train.prompt_fidelity import prompt_fidelity, summary_lines
+
+        check = prompt_fidelity(pipeline_dir, count=report.get("prompt_count", 96), size=size, sampler=sampler)
+        summary["prompt_fidelity"] = check
+        (pipeline_dir / "prompt_fidelity.json").write_text(json.dumps(check, indent=2))
+        lines.extend("  " + line for line in summary_lines(check))
 
     def ledger() -> None:
         from wurst.train.accounting.pipeline import pipeline_table
@@ -74,6 +81,7 @@ def report_pipeline(cfg: DictConfig, result: dict[str, Any]) -> dict[str, Any]:
         lines.append(f"  carbon ledger    {pipeline_dir / 'ledger.md'}")
         summary["ledger"] = str(pipeline_dir / "ledger.md")
 
+    attempt("loss curves", curves)
     attempt("sample grid", grid)
     if report.get("color_check", False):
         attempt("color check", color)
