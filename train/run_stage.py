@@ -243,7 +243,8 @@ def export_stage(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule,
         write_network(export_dir, name, net, network_config(net_cfg))
     text_encoder = getattr(module, "text_encoder", None)
     if text_encoder is not None:
-        te_cfg = network_config(plain(cfg.stage.module.text_encoder))
+        # A fine-tune's text encoder is its base's (train/finetune.py), whatever the config names.
+        te_cfg = getattr(module, "text_encoder_config", None) or network_config(plain(cfg.stage.module.text_encoder))
         if te_cfg.get("pretrained"):
             (export_dir / "text_encoder_config.json").write_text(json.dumps(te_cfg, indent=2))
         else:  # randomly initialised (tiny) encoders must travel with their weights
@@ -261,6 +262,8 @@ def export_stage(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule,
         "config": plain(cfg),
         **extra_provenance,
     }
+    # Files beyond networks and JSON (a LoRA run's diffusers-layout adapter), before provenance marks it complete.
+    getattr(module, "write_export_extras", lambda *_: None)(export_dir, provenance)
     write_provenance(export_dir, provenance)
     return export_dir
 

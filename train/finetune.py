@@ -1,0 +1,135 @@
+"""Fine-tuning Stage C from a pipeline directory: full weights or LoRA adapters.
+
+The base is a pipeline directory (one of ours, or one ``wurst-export import`` made from the release):
+Stage C's network, text encoder and hand-off come from ``<base>/stage_c/export``, the frozen compressor
+from ``<base>/stage_b/export``. Training is Stage C's own (paper loss, p2 weight, 5% caption dropout).
+
+With ``lora`` set, peft adapters go on the linears ``conf/lora/*.yaml`` names and only they train.
+A LoRA checkpoint holds the adapters, the optimiser, schedulers and loop state, not the frozen base
+(which is re-read from the base export on resume, so a resumed run is the uninterrupted one). The
+export holds the merged weights as ``model.safetensors`` (what the cascade and ``wurst-export``
+consume) and the adapter as ``lora/pytorch_lora_weights.safetensors`` in diffusers' layout.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from wurst.models.hub.lora_export import lora_model_card, write_lora_folder
+from wurst.models.hub.pipeline_dir import canonical_config
+from wurst.train.export import ALLOWED_TARGETS, read_config, read_provenance, require_export
+from wurst.train.lora import (
+    adapter_parameter_names,
+    adapter_state_dict,
+    add_adapters,
+    lora_settings,
+    merged_network,
+)
+from wurst.train.stage_c_module import StageCModule
+
+# Parameter groups that never train in a fine-tune and are rebuilt from the base at start-up.
+FROZEN_PREFIXES = ("network.", "text_encoder.", "compressor.")
+
+
+def base_export(base: str | Path) -> Path:
+    """``<base>/stage_c/export``, checked (network and text encoder) before anything is built."""
+    return require_export(Path(base) / "stage_c" / "export", "c", names=("model", "text_encoder"),
+                          why="finetune.base is the pipeline the fine-tune starts from")
+
+
+def exported_text_encoder_config(export_dir: Path) -> dict[str, Any]:
+    config = canonical_config(read_config(export_dir, "text_encoder"))
+    if config.get("_target_") not in ALLOWED_TARGETS:
+        raise ValueError(f"{export_dir}/text_encoder_config.json names {config.get('_target_')!r}, not a text encoder")
+    if (export_dir / "text_encoder.safetensors").is_file():  # weights travel with the export: never download
+        config["pretrained"] = False if isinstance(config.get("pretrained"), bool) else None
+    return config
+
+
+class FinetuneStageCModule(StageCModule):
+    """Stage C started from ``base``'s Stage C; ``lora``: a ``conf/lora`` node, or None for full fine-tuning."""
+
+    def __init__(self, base: str, lora: Mapping[str, Any] | None = None, network: Mapping[str, Any] | None = None,
+                 text_encoder: Mapping[str, Any] | None = None, **stage_c: Any):
+        c_dir = base_export(base)
+        # The base's own constructor configs: the configured ones only name the architecture of a fresh run.
+        network = canonical_config(read_config(c_dir))
+        text_encoder = exported_text_encoder_config(c_dir)
+        stage_c["measure_latent_stats"] = False  # the base's hand-off stays the hand-off
+        lora = dict(lora) if lora else None
+        if lora and stage_c.get("ema") and dict(stage_c["ema"]).get("enabled", True):
+            raise ValueError("a LoRA fine-tune trains no EMA (ema=none, as conf/experiment/finetune/stage_c_lora.yaml "
+                             "sets): the adapters are the fine-tuned weights")
+        super().__init__(network=network, text_encoder=text_encoder, **stage_c)
+        self.base = str(base)
+        self.base_config = network
+        self.text_encoder_config = text_encoder
+        state = load_file(str(c_dir / "model.safetensors"))
+        self.network.load_state_dict(state)
+        if self.ema is not None:
+            self.ema.shadow.load_state_dict(state)
+        if (c_dir / "text_encoder.safetensors").is_file():
+            self.text_encoder.load_state_dict(load_file(str(c_dir / "text_encoder.safetensors")))
+        hand_off = c_dir / "hand_off.json"
+        if hand_off.is_file():
+            values = json.loads(hand_off.read_text())
+            self.hand_off.copy_(torch.tensor([float(values["latent_mean"]), float(values["latent_std"])]))
+        self.lora = lora
+        if lora:
+            add_adapters(self.network, lora)
+            self.strict_loading = False  # checkpoints omit the frozen base (on_save_checkpoint)
+
+    # -- checkpoints: adapters + optimiser, not the frozen base ----------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.lora:
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith(FROZEN_PREFIXES) and ".lora_" not in k]:
+                del state[key]
+            checkpoint["lora_base"] = self.base
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if self.lora:
+            expected = {f"network.{name}" for name in adapter_parameter_names(self.network)}
+            missing = sorted(expected - checkpoint["state_dict"].keys())
+            if missing:
+                raise KeyError(f"the checkpoint lacks {len(missing)} adapter tensors of this LoRA config "
+                               f"(e.g. {missing[:2]}): was it written with other lora.rank/target_modules?")
+
+    # -- export -----------------------------------------------------------------------------------
+    def export_network(self) -> nn.Module:
+        network = super().export_network()
+        return merged_network(network) if self.lora else network
+
+    def export_config_updates(self) -> dict[str, Any]:
+        return dict(self.base_config)
+
+    def write_export_extras(self, export_dir: Path, provenance: Mapping[str, Any]) -> None:
+        """``export/lora/``: the adapter where diffusers' ``load_lora_weights`` finds it, and its card."""
+        if not self.lora:
+            return
+        settings = lora_settings(self.lora)
+        config = provenance.get("config", {})
+        data = config.get("data", {})
+        source = data.get("folder") or data.get("shards") or "?"
+        counts = provenance.get("dataset", {})
+        try:
+            base_provenance = read_provenance(Path(self.base) / "stage_c" / "export")
+        except (OSError, ValueError):
+            base_provenance = {}
+        described = base_provenance.get("source") or base_provenance.get("group") or "a wurst pipeline directory"
+        card = lora_model_card(
+            base=str(base_provenance.get("repo_id") or self.base), base_description=str(described),
+            data=f"`{source}` ({counts.get('shards', '?')} shard(s) / folder(s); captions dropped for "
+                 f"{self.text_dropout:.0%} of batches)",
+            steps=int(provenance.get("steps", 0)), settings=settings,
+        )
+        write_lora_folder(export_dir / "lora", adapter_state_dict(self.network), settings, "prior", card)
