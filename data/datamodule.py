@@ -19,6 +19,7 @@ from typing import Any
 from lightning.pytorch import LightningDataModule
 
 from wurst.data.data_stats import DataStats
+from wurst.data.image_folder import ImageFolderSource
 from wurst.data.laion_filter import LAIONFilter
 from wurst.data.resume import StreamPosition
 from wurst.data.shard_stream import CachedShardStream, ImageShardStream, ShardStream
@@ -69,6 +70,8 @@ class WurstDataModule(LightningDataModule):
     synthesize: ``write_synthetic_shards`` arguments; when ``shards`` is a local folder without tars,
         ``prepare_data`` writes synthetic shards there (the embedded tiny pipeline's data).
     restore_stream: restore the stream position from a checkpoint (False starts it afresh).
+    image_folder: ``{path, cache_dir, per_shard}``: read a folder of ``.jpg`` + ``.txt`` pairs instead of
+        ``shards`` (packed once into shards under ``cache_dir`` by ``prepare_data``; data/image_folder.py).
     The rest are ShardStream / ImageShardStream / StreamLoader arguments of the same names.
     """
 
@@ -80,9 +83,11 @@ class WurstDataModule(LightningDataModule):
                  buckets: AspectBuckets | Mapping[str, Any] | None = None, reject_all_check: int = 1000,
                  cached: bool = False, val_shards: str | Sequence[str] | None = None,
                  val_batch_size: int | None = None, synthesize: Mapping[str, Any] | None = None,
-                 pin_memory: bool = False, prefetch_factor: int = 2, restore_stream: bool = True):
+                 pin_memory: bool = False, prefetch_factor: int = 2, restore_stream: bool = True,
+                 image_folder: Mapping[str, Any] | None = None):
         super().__init__()
-        self.shards = shards
+        self.image_folder = ImageFolderSource(**image_folder) if image_folder else None
+        self.shards = str(self.image_folder.shard_dir) if self.image_folder else shards
         self.global_batch_size = global_batch_size
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -110,6 +115,9 @@ class WurstDataModule(LightningDataModule):
 
     def prepare_data(self) -> None:
         """Write the synthetic shards once (Lightning calls this on one process per node)."""
+        if self.image_folder is not None:
+            self.image_folder.pack()
+            return
         if not self.synthesize:
             return
         if not isinstance(self.shards, str) or "://" in self.shards or "{" in self.shards:

@@ -119,7 +119,7 @@ class FinetuneStageCModule(StageCModule):
         settings = lora_settings(self.lora)
         config = provenance.get("config", {})
         data = config.get("data", {})
-        source = data.get("folder") or data.get("shards") or "?"
+        source = (data.get("image_folder") or {}).get("path") or data.get("shards") or "?"
         counts = provenance.get("dataset", {})
         try:
             base_provenance = read_provenance(Path(self.base) / "stage_c" / "export")
