@@ -5,6 +5,9 @@
    anything is generated.
 2. When ``pipeline`` is set, the cascade (``generation.sampler``) writes this rank's missing images
    to ``images`` (default ``<out>/images``); ranks then meet at a barrier and only rank 0 goes on.
+   Rank, world size and local rank are the data's and training's (``wurst.data.topology``): under
+   torchrun or ``srun`` (one task per GPU) alike; the barrier's gloo group meets at torchrun's
+   MASTER_ADDR/MASTER_PORT, or under srun where Lightning's SLURM environment puts DDP's rendezvous.
 3. Metrics over the prompt set's images: FID against ``references`` and IS (both after the
    reference preprocessing at ``resolution``), CLIP score and PickScore of each image with its
    caption, PickScore preference against other models' folders.
@@ -28,8 +31,9 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
+from wurst.data.topology import launched_by, local_rank, rank_and_world_size
 from wurst.eval.clip_score import ClipScore
-from wurst.eval.generate import generate_images, rank_and_world_size
+from wurst.eval.generate import generate_images
 from wurst.eval.image_folder import (
     images_for_prompts,
     list_images,
@@ -47,10 +51,11 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str | None) -> torch.device:
-    """``auto``/None → ``cuda`` (``cuda:$LOCAL_RANK`` under torchrun) when available, else ``cpu``."""
+    """``auto``/None → ``cuda:<local rank>`` (LOCAL_RANK under torchrun, SLURM_LOCALID under srun) when
+    available, else ``cpu``."""
     if device in (None, "auto"):
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            return torch.device("cuda", local_rank())
         return torch.device("cpu")
     return torch.device(device)
 
@@ -59,13 +64,34 @@ def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _join_process_group(world_size: int) -> bool:
-    """Under torchrun (MASTER_ADDR set) start a gloo group for the after-generation barrier."""
+def rendezvous() -> str:
+    """The gloo group's ``init_method``: torchrun's MASTER_ADDR/MASTER_PORT (``env://``), else under srun
+    the address and port Lightning's SLURM environment gives DDP (first node of SLURM_NODELIST, a port
+    from SLURM_JOB_ID; MASTER_ADDR/MASTER_PORT override them)."""
+    if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+        return "env://"
+    if launched_by() == "slurm":
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+
+        # Its address and port read only the environment; __init__'s checks are Lightning's rules for
+        # training jobs (e.g. no bare --ntasks), which an evaluation need not follow.
+        slurm = SLURMEnvironment.__new__(SLURMEnvironment)
+        return f"tcp://{slurm.main_address}:{slurm.main_port}"
+    raise RuntimeError(
+        "wurst-eval runs as one of several ranks but neither torchrun (MASTER_ADDR/MASTER_PORT) nor srun "
+        "(SLURM_PROCID/SLURM_NTASKS) set a rendezvous; launch it with torchrun or srun"
+    )
+
+
+def _join_process_group(rank: int, world_size: int) -> bool:
+    """With several ranks (torchrun or srun), start a gloo group for the after-generation barrier."""
     dist = torch.distributed
-    if world_size == 1 or not dist.is_available() or dist.is_initialized() or "MASTER_ADDR" not in os.environ:
+    if world_size == 1 or not dist.is_available() or dist.is_initialized():
         return False
     # Ranks finish their shards at different times; the barrier must outwait the slowest.
-    dist.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
+    dist.init_process_group(
+        "gloo", init_method=rendezvous(), rank=rank, world_size=world_size, timeout=datetime.timedelta(hours=24)
+    )
     return True
 
 
@@ -110,7 +136,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     # COCO-30K): the FID references and every metric's weights, on every rank, so all ranks stop together.
     check_references(cfg)
     resolve_metric_weights(cfg)
-    own_group = _join_process_group(world_size)
+    own_group = _join_process_group(rank, world_size)
     try:
         if cfg.pipeline is not None:
             run_generation(cfg, records, images_dir, device)

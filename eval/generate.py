@@ -6,16 +6,16 @@ The sampler is any callable with the cascade's signature,
 
 - Seeds: the prompt at index i (its line in the prompt file) draws all its noise from a generator
   seeded ``base_seed + i``, so an image depends neither on its batch nor on the number of ranks.
-- Sharding: rank r of W takes the prompts with index ≡ r (mod W). Rank and world size come from an
-  initialised ``torch.distributed`` process group, else the ``RANK``/``WORLD_SIZE`` environment
-  (torchrun, Lightning, SLURM wrappers set them), else 0 and 1.
+- Sharding: rank r of W takes the prompts with index ≡ r (mod W). Rank and world size come from
+  :func:`wurst.data.topology.rank_and_world_size` (as for the data and training): an initialised
+  ``torch.distributed`` process group, else torchrun's ``RANK``/``WORLD_SIZE``, else srun's
+  ``SLURM_PROCID``/``SLURM_NTASKS``, else 0 and 1.
 - Resume: an image is written to a temporary name and renamed, so ``<id>.png`` exists only when
   complete; prompts whose image exists are skipped.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from wurst.data.topology import rank_and_world_size
 from wurst.eval.image_folder import to_pil, write_png_atomic
 from wurst.eval.prompt_set import PromptRecord
 
@@ -37,20 +38,6 @@ class GenerationSummary:
     world_size: int
     written: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
-
-
-def rank_and_world_size() -> tuple[int, int]:
-    """``(rank, world_size)`` from torch.distributed when initialised, else RANK/WORLD_SIZE, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    try:
-        rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError as error:
-        raise ValueError(
-            f"RANK={os.environ.get('RANK')!r} / WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} must be integers "
-            "(set by torchrun or the launcher)"
-        ) from error
-    return _check_rank(rank, world_size)
 
 
 def _check_rank(rank: int, world_size: int) -> tuple[int, int]:
