@@ -296,7 +296,9 @@ def train_stage(cfg: DictConfig) -> dict[str, Any]:
     module = build_module(cfg)
     apply_init_from(cfg, module)
     if cfg.get("compile"):
-        module.network = torch.compile(module.network)
+        # In place (nn.Module.compile): the state dict keeps its names, so checkpoints, EMA and exports of
+        # compiled and eager runs are interchangeable (torch.compile's wrapper would prefix "_orig_mod.").
+        module.network.compile()
     for lg in loggers:
         if hasattr(lg, "experiment") and lg.__class__.__name__ == "WandbLogger" and trainer.is_global_zero:
             (run_dir / "wandb_id.txt").write_text(lg.experiment.id)
@@ -306,6 +308,8 @@ def train_stage(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    if cfg.get("compile"):
+        metrics["compile/graph_breaks"] = float(report_graph_breaks())
     # The final checkpoint was written at the end of fit; the export comes next, the preview last, so
     # a failing preview (or one that is killed) never costs the trained weights.
     previews = next((cb for cb in callbacks if isinstance(cb, PreviewGrid)), None)
@@ -325,6 +329,18 @@ def train_stage(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero and previews is not None and previews.failures:
         raise_preview_failures(cfg, trainer, run_dir, previews.failures, metrics)
     return metrics
+
+
+def report_graph_breaks() -> int:
+    """How often dynamo broke the compiled network's graph in this process (each break is a slow path on
+    a GPU); logged with its reasons, and returned for the run's metrics."""
+    from torch._dynamo.utils import counters
+
+    breaks = counters["graph_break"]
+    total = sum(breaks.values())
+    if total:
+        log.warning("compile=true: %d graph break(s) in the network: %s", total, dict(breaks.most_common(5)))
+    return total
 
 
 def raise_preview_failures(cfg: DictConfig, trainer: L.Trainer, run_dir: Path, failures: list[str],
