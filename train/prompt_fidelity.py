@@ -41,9 +41,10 @@ from wurst.data.topology import stream_seed
 
 NAMES = sorted(COLORS)
 PALETTE = torch.tensor([COLORS[n] for n in NAMES], dtype=torch.float32)
-# Palette colours are ≥ 80 apart in RGB (gray–brown is the closest pair); half-way is the foreground test.
-FOREGROUND_DISTANCE = 45.0
+# Palette colours are ≥ 80 apart in RGB (gray–brown is the closest pair): farther than 60 from the background is foreground.
+FOREGROUND_DISTANCE = 60.0
 MIN_FOREGROUND = 0.01  # fraction of the image; less is "no shape drawn"
+SCALES = (0.85, 0.92, 1.0, 1.08)  # radii tried around the box fit
 CHANCE = {"background": 1 / len(NAMES), "foreground": 1 / (len(NAMES) - 1), "shape": 1 / len(SHAPES),
           "all_three": 1 / (len(NAMES) * (len(NAMES) - 1) * len(SHAPES))}
 FIELDS = ("background", "foreground", "shape")
@@ -69,22 +70,34 @@ def _unit_box(shape: str) -> tuple[float, float, float, float]:
 
 
 def classify_shape(mask: np.ndarray) -> tuple[str, float]:
-    """Foreground mask ``[H, W]`` bool → (best shape, its IoU): every shape drawn into the mask's box."""
+    """Foreground mask ``[H, W]`` bool → (best shape, its IoU): every shape drawn into the mask's box, at
+    a few scales around it (a decoded image's edges are soft, so its box is only roughly the shape's)."""
     ys, xs = np.nonzero(mask)
     x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
     best, best_iou = SHAPES[0], -1.0
     for shape in SHAPES:
         left, top, right, bottom = _unit_box(shape)
-        radius = max((x1 - x0) / (right - left), (y1 - y0) / (bottom - top))
-        center = (x0 - left * radius + ((x1 - x0) - (right - left) * radius) / 2,
-                  y0 - top * radius + ((y1 - y0) - (bottom - top) * radius) / 2)
-        canvas = Image.new("L", (mask.shape[1], mask.shape[0]), 0)
-        draw_shape(ImageDraw.Draw(canvas), shape, center, radius, 255)
-        drawn = np.asarray(canvas) > 127
-        iou = (drawn & mask).sum() / max(1, (drawn | mask).sum())
-        if iou > best_iou:
-            best, best_iou = shape, float(iou)
+        fitted = max((x1 - x0) / (right - left), (y1 - y0) / (bottom - top))
+        for radius in (fitted * s for s in SCALES):
+            center = (x0 - left * radius + ((x1 - x0) - (right - left) * radius) / 2,
+                      y0 - top * radius + ((y1 - y0) - (bottom - top) * radius) / 2)
+            canvas = Image.new("L", (mask.shape[1], mask.shape[0]), 0)
+            draw_shape(ImageDraw.Draw(canvas), shape, center, radius, 255)
+            drawn = np.asarray(canvas) > 127
+            iou = (drawn & mask).sum() / max(1, (drawn | mask).sum())
+            if iou > best_iou:
+                best, best_iou = shape, float(iou)
     return best, best_iou
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    labels, count = ndimage.label(mask)
+    if count <= 1:
+        return mask
+    sizes = ndimage.sum(mask, labels, range(1, count + 1))
+    return labels == (1 + int(np.argmax(sizes)))
 
 
 def read_image(image: torch.Tensor, ring: float = 0.06) -> dict[str, Any]:
@@ -96,12 +109,18 @@ def read_image(image: torch.Tensor, ring: float = 0.06) -> dict[str, Any]:
     border[k : h - k, k : w - k] = False
     background_rgb = rgb[:, border].median(dim=1).values
     background = nearest_color(background_rgb)
-    far = (rgb - background_rgb[:, None, None]).norm(dim=0) > FOREGROUND_DISTANCE
-    mask = F.avg_pool2d(far[None, None].float(), 3, stride=1, padding=1)[0, 0] > 0.5
-    if mask.float().mean() < MIN_FOREGROUND:
+    to_background = (rgb - background_rgb[:, None, None]).norm(dim=0)
+    far = to_background > FOREGROUND_DISTANCE
+    if far.float().mean() < MIN_FOREGROUND:
         return {"background": background, "foreground": None, "shape": None}
-    foreground = nearest_color(rgb[:, mask].median(dim=1).values, exclude=background)
-    shape, _ = classify_shape(mask.numpy())
+    foreground_rgb = rgb[:, far].median(dim=1).values
+    foreground = nearest_color(foreground_rgb, exclude=background)
+    # Each pixel to the nearer of the two measured colours: a soft edge splits half-way, as drawn.
+    nearer = (rgb - foreground_rgb[:, None, None]).norm(dim=0) < to_background
+    mask = F.avg_pool2d(nearer[None, None].float(), 3, stride=1, padding=1)[0, 0] > 0.5
+    if mask.float().mean() < MIN_FOREGROUND:
+        return {"background": background, "foreground": foreground, "shape": None}
+    shape, _ = classify_shape(_largest_component(mask.numpy()))
     return {"background": background, "foreground": foreground, "shape": shape}
 
 
