@@ -10,8 +10,11 @@ writes one output shard per input shard, same name, members per sample::
     <key>.text_hidden.npy          fp16 [77, D]      per-token text states after ln_final
     <key>.txt                      the cleaned caption
 
-plus ``text_hidden_empty.npy`` (the empty caption's states, for classifier-free-guidance dropout) and
-``cache_info.json`` in the output folder. A shard is written to a temporary name and renamed when
+plus, in the output folder, ``text_hidden_empty.npy`` (fp16 [77, D], the empty caption's states: what
+Stage C's classifier-free-guidance dropout conditions on when it trains from the cache, so it never
+builds the text encoder), the text encoder that made the states (``text_encoder_config.json``, and for
+an encoder without pretrained weights, e.g. the tiny one, ``text_encoder.safetensors``: a stage export's
+file names, so Stage C's export and previews use this very encoder) and ``cache_info.json``. A shard is written to a temporary name and renamed when
 complete, so a rerun skips finished shards and redoes a half-written one: caching is resumable.
 Ranks (RANK/WORLD_SIZE or SLURM) take disjoint shards. The encoders come from Hydra-style configs
 (``_target_`` plus arguments), so this package never imports the models.
@@ -47,6 +50,8 @@ log = logging.getLogger(__name__)
 
 CACHE_INFO = "cache_info.json"
 EMPTY_TEXT = "text_hidden_empty.npy"
+TEXT_ENCODER_CONFIG = "text_encoder_config.json"
+TEXT_ENCODER_WEIGHTS = "text_encoder.safetensors"
 
 
 def encoder_config(spec: str | os.PathLike | Mapping[str, Any]) -> DictConfig:
@@ -99,6 +104,58 @@ def _npy(array: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
+def _save_atomic(path: Path, payload: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(payload)
+    os.replace(tmp, path)
+
+
+def write_text_encoder_record(out: Path, text_encoder: nn.Module, config: Mapping[str, Any]) -> None:
+    """The cache's text encoder as a stage export holds one: its config, and its weights when the config
+    names no pretrained weights (a randomly initialised encoder cannot be rebuilt from its config)."""
+    if not config.get("pretrained"):
+        from safetensors.torch import save_file
+
+        tmp = out / f".{TEXT_ENCODER_WEIGHTS}.tmp-{os.getpid()}"
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in text_encoder.state_dict().items()}, str(tmp))
+        os.replace(tmp, out / TEXT_ENCODER_WEIGHTS)
+    _save_atomic(out / TEXT_ENCODER_CONFIG, json.dumps(dict(config), indent=1).encode())
+
+
+def cache_folder(shards: str | os.PathLike | Sequence[str]) -> Path:
+    """The local folder of a cache given as Stage C's ``data.shards`` (the folder, or a pattern or list of
+    its shards): where ``text_hidden_empty.npy`` and the text encoder's record lie."""
+    if isinstance(shards, (str, os.PathLike)) and Path(shards).is_dir():
+        return Path(shards)
+    urls = expand_shards(shards if isinstance(shards, (str, Sequence)) else str(shards))
+    folders = {Path(u).parent for u in urls if "://" not in u and not u.startswith("pipe:")}
+    if len(folders) != 1 or len(folders) != len({Path(u).parent for u in urls}):
+        raise ValueError(
+            f"data.shards={shards!r}: Stage C reads the cache's {EMPTY_TEXT} beside its shards, so the shards "
+            "must be in one local folder (the `wurst-data cache --out` folder); copy the cache there"
+        )
+    return folders.pop()
+
+
+def read_empty_text_states(folder: str | os.PathLike) -> torch.Tensor:
+    """The cache's empty-caption states, fp16 ``[77, D]``: what caption dropout conditions on."""
+    path = Path(folder) / EMPTY_TEXT
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist: Stage C's caption dropout trains on the cache's empty-caption states; "
+            f"rerun `wurst-data cache --out {folder} ...` (it writes {EMPTY_TEXT} first; finished shards are kept)"
+        )
+    try:
+        states = torch.from_numpy(np.load(path, allow_pickle=False))
+    except (ValueError, OSError) as error:
+        raise ValueError(f"{path} is not a readable .npy file ({error}); delete it and rerun `wurst-data cache "
+                         f"--out {folder} ...`") from error
+    if states.ndim != 2:
+        raise ValueError(f"{path} holds an array of shape {tuple(states.shape)}, not the [77, D] text states of "
+                         f"one caption; rerun `wurst-data cache --out {folder} ...`")
+    return states
+
+
 def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(payload), 0, 0o644
@@ -145,16 +202,22 @@ def cache_shards(source: str | Sequence[str], out_dir: str | os.PathLike,
     summary: dict[str, Any] = {"rank": rank, "shards_assigned": len(mine), "shards_already_done": len(mine) - len(todo)}
     if not isinstance(compressor, nn.Module):
         compressor = load_encoder(compressor, compressor_weights, device)
+    text_config = None
     if not isinstance(text_encoder, nn.Module):
+        text_config = OmegaConf.to_container(encoder_config(text_encoder), resolve=True)
         text_encoder = load_encoder(text_encoder, None, device)
 
     if rank == 0:
-        empty, _ = text_encoder([""])
-        np.save(out / EMPTY_TEXT, empty[0].to("cpu", torch.float16).numpy(), allow_pickle=False)
+        with torch.no_grad():
+            empty, _ = text_encoder([""])
+        _save_atomic(out / EMPTY_TEXT, _npy(empty[0].to("cpu", torch.float16)))
+        if text_config is not None:
+            write_text_encoder_record(out, text_encoder, text_config)
         info = {"source": source if isinstance(source, str) else list(source), "num_shards": len(urls),
                 "resolution": resolution, "compressor_resolution": compressor_resolution, "dtype": "float16",
                 "filter": None if laion_filter is None else laion_filter.describe(),
-                "members": ["compressor_latents.npy", "text_hidden.npy", "txt"]}
+                "members": ["compressor_latents.npy", "text_hidden.npy", "txt"], "empty_text": EMPTY_TEXT,
+                "text_encoder": text_config}
         (out / CACHE_INFO).write_text(json.dumps(info, indent=1))
     stats = DataStats()
     if todo:

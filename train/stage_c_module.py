@@ -5,18 +5,38 @@ Targets are the compressor's BatchNorm output z mapped to the v2 normalised spac
 CLIP-bigG per-token hidden states; 5% of batches see the empty caption instead (classifier-free
 guidance dropout). Batches either carry images (``compressor_images``) or cached encoder outputs
 (``compressor_latents`` and ``text_hidden``, written by ``wurst-data cache``).
+
+Trained from a cache (``text_from_cache``: ``data=cached``) the text encoder is not built at all: the
+batches carry the text states, caption dropout takes the cache's own empty-caption states
+(``text_hidden_empty.npy``), and only the previews and the export load the encoder that made the cache
+(its record in the cache folder), lazily, outside the trained module.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from wurst.train.diffusion_module import DiffusionStageModule, global_mean_std, instantiate_network
+from wurst.data.latent_cache import (
+    TEXT_ENCODER_CONFIG,
+    TEXT_ENCODER_WEIGHTS,
+    cache_folder,
+    read_empty_text_states,
+)
+from wurst.train.diffusion_module import (
+    DiffusionStageModule,
+    global_mean_std,
+    instantiate_network,
+    network_config,
+)
 from wurst.train.export import load_network, require_export
+
+log = logging.getLogger(__name__)
 
 
 class StageCModule(DiffusionStageModule):
@@ -28,6 +48,8 @@ class StageCModule(DiffusionStageModule):
         ema: Mapping[str, Any] | None,
         diffusion: Mapping[str, Any],
         compressor_export: str | None = None,
+        text_from_cache: bool = False,
+        cache_shards: str | Sequence[str] | None = None,
         text_dropout: float = 0.05,
         latent_mean: float = 42.0,
         latent_std: float = 1.0,
@@ -45,8 +67,17 @@ class StageCModule(DiffusionStageModule):
         if compressor_export is not None:
             require_export(compressor_export, "b", name="compressor", why="Stage C trains on its frozen compressor")
             self.compressor = load_network(Path(compressor_export), "compressor").eval().requires_grad_(False)
-        self.text_encoder = instantiate_network(text_encoder)
-        self.text_encoder.eval().requires_grad_(False)
+        self.text_from_cache = bool(text_from_cache)
+        self.text_encoder = None
+        self._text_encoder_config = dict(text_encoder)
+        self._cached_encoder: list = []  # text_from_cache: built on first use; in a list, so not a submodule
+        if self.text_from_cache:
+            # The cache's "" states: fp16 like its per-sample states; not in checkpoints (the cache has them).
+            self.cache_dir = cache_folder(cache_shards)
+            self.register_buffer("empty_text", read_empty_text_states(self.cache_dir), persistent=False)
+        else:
+            self.text_encoder = instantiate_network(text_encoder)
+            self.text_encoder.eval().requires_grad_(False)
         self.network = instantiate_network(network)
         self.text_dropout = float(text_dropout)
         # The hand-off z = latent_mean·x − latent_std (REFERENCE.md: 42 and 1 for the public v2
@@ -105,7 +136,12 @@ class StageCModule(DiffusionStageModule):
         batch_size = z.shape[0]
         drop = torch.rand(()).item() < self.text_dropout  # per batch; the RNG is seeded per step
         captions = list(batch["captions"])
-        if drop:
+        if self.text_from_cache and "text_hidden" not in batch:
+            raise KeyError("Stage C trains from a latent cache (text_from_cache) but the batch has no "
+                           "'text_hidden'; point data.shards at `wurst-data cache` output (data=cached)")
+        if drop and self.text_from_cache:
+            text = self.empty_text.float().expand(batch_size, -1, -1).clone()
+        elif drop:
             text = self.encode_text([""] * batch_size)
         elif "text_hidden" in batch:
             text = batch["text_hidden"].float()
@@ -116,7 +152,44 @@ class StageCModule(DiffusionStageModule):
 
     def export_files(self) -> dict[str, Any]:
         """``hand_off.json``: the constants the cascade maps Stage C samples to Stage B with."""
-        return {"hand_off.json": {"latent_mean": self.latent_mean, "latent_std": self.latent_std}}
+        files = {"hand_off.json": {"latent_mean": self.latent_mean, "latent_std": self.latent_std}}
+        if self.text_from_cache and not self._cached_encoder_needs_weights():
+            # A pretrained encoder: its name/path, as the export writes it for an encoder it holds.
+            files[TEXT_ENCODER_CONFIG] = self._cached_text_encoder_config()
+        return files
+
+    def export_networks(self) -> dict[str, Any]:
+        """From a cache of a randomly initialised (tiny) encoder: that encoder's weights travel with the
+        export, so the cascade draws with the encoder Stage C's text states came from."""
+        if self.text_from_cache and self._cached_encoder_needs_weights():
+            return {"text_encoder": (self.cached_text_encoder(), self._cached_text_encoder_config())}
+        return {}
+
+    def _cached_text_encoder_config(self) -> dict[str, Any]:
+        """The encoder that made the cache: its record in the cache folder (``wurst-data cache`` writes
+        it), else (a cache written without one) this stage's ``text_encoder`` config."""
+        record = self.cache_dir / TEXT_ENCODER_CONFIG
+        return json.loads(record.read_text()) if record.is_file() else network_config(self._text_encoder_config)
+
+    def _cached_encoder_needs_weights(self) -> bool:
+        return (self.cache_dir / TEXT_ENCODER_WEIGHTS).is_file() or not self._cached_text_encoder_config().get(
+            "pretrained"
+        )
+
+    def cached_text_encoder(self) -> torch.nn.Module:
+        """The cache's text encoder, for previews and the export only: built on first use, then kept
+        outside the module's submodules (no checkpoint, optimiser or DDP sees it)."""
+        if not self._cached_encoder:
+            if (self.cache_dir / TEXT_ENCODER_CONFIG).is_file():
+                from wurst.train.cascade_loading import load_text_encoder
+
+                encoder = load_text_encoder(self.cache_dir)
+            else:
+                log.warning("%s has no %s; previews and the export use stage.module.text_encoder, which may "
+                            "not be the encoder that made the cache", self.cache_dir, TEXT_ENCODER_CONFIG)
+                encoder = instantiate_network(self._text_encoder_config)
+            self._cached_encoder.append(encoder.eval().requires_grad_(False).to(self.empty_text.device))
+        return self._cached_encoder[0]
 
     @torch.no_grad()
     def preview(self, batch: Mapping[str, Any], prompts: list[str]) -> torch.Tensor | None:
@@ -129,7 +202,8 @@ class StageCModule(DiffusionStageModule):
         from wurst.train.cascade_loading import load_cascade
 
         cascade = load_cascade(pipeline_dir, sampler="tiny", stage_c=self.export_network(),
-                               text_encoder_c=self.text_encoder, progress=False,
+                               text_encoder_c=self.text_encoder if self.text_encoder is not None
+                               else self.cached_text_encoder(), progress=False,
                                hand_off={"latent_mean": self.latent_mean, "latent_std": self.latent_std})
         size = 128
         generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]

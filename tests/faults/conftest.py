@@ -76,6 +76,8 @@ def write_cached_shards(folder: Path, num_shards: int = 4, per_shard: int = 16,
                     add(tar, f"{key}.{member}.npy", npy(array))
                 add(tar, f"{key}.txt", b"a red circle on a blue background")
                 keys.append(key)
+    # The cache's empty-caption states, which a cached Stage C's caption dropout conditions on.
+    np.save(folder / "text_hidden_empty.npy", rng.standard_normal((77, 64)).astype(np.float16))
     return keys
 
 
