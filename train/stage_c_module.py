@@ -89,6 +89,15 @@ class StageCModule(DiffusionStageModule):
         self.compressor_export = compressor_export
         self.init_ema()
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if self.text_from_cache:
+            # A checkpoint of a run that still held the frozen text encoder (older versions, or the same
+            # phase trained on images): its weights are not part of a cached run's state.
+            state = checkpoint.get("state_dict", {})
+            for key in [k for k in state if k.startswith("text_encoder.")]:
+                del state[key]
+
     def train(self, mode: bool = True):
         super().train(mode)
         # Frozen encoders stay in eval mode (BatchNorm statistics, dropout).

@@ -192,3 +192,19 @@ def test_previews_of_a_cached_run_draw_with_the_caches_text_encoder_loaded_once(
     assert sorted(p.name for p in (Path(cfg.run_dir) / "samples").glob("*.png")) == ["step-000000002.png"]
     # Stage B's text encoder (the cascade's, for the preview) + the cache's Stage C encoder: once each.
     assert len(built) == 2
+
+
+def test_a_cached_run_resumes_from_a_checkpoint_that_still_holds_the_text_encoder(latent_cache, tmp_path):
+    """Checkpoints written before 17.5 (or by an image-fed run) carry the frozen text encoder's weights."""
+    cfg = compose_train(cached_overrides(latent_cache, tmp_path, "trainer.max_steps=2", "checkpoint_every=2"))
+    train_stage(cfg)
+    checkpoint_path = Path(cfg.run_dir) / "checkpoints" / "step-000000002.ckpt"
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    encoder = load_text_encoder(latent_cache)
+    checkpoint["state_dict"].update({f"text_encoder.{k}": v for k, v in encoder.state_dict().items()})
+    old_style = tmp_path / "old-style.ckpt"
+    torch.save(checkpoint, old_style)
+    resumed = compose_train(cached_overrides(latent_cache, tmp_path / "resumed", "trainer.max_steps=3",
+                                             "checkpoint_every=3", f"resume={old_style}"))
+    train_stage(resumed)
+    assert (Path(resumed.run_dir) / "checkpoints" / "step-000000003.ckpt").is_file()
