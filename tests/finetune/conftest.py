@@ -90,3 +90,16 @@ def wait_for_pause(run, events: Path, timeout: float = 300) -> dict:
             raise TimeoutError(f"run {run.pid} did not reach its fault point in {timeout} s")
         time.sleep(0.05)
     return json.loads(events.read_text().splitlines()[0])
+
+
+def hub_test_module(name: str):
+    """A tests/hub test module (which imports ``.conftest``), loaded under a stand-in package."""
+    import types
+
+    package = "wurst_tests_finetune_hub"
+    if package not in sys.modules:
+        stand_in = types.ModuleType(package)
+        stand_in.__path__ = [str(HERE.parent / "hub")]
+        sys.modules[package] = stand_in
+        sys.modules[f"{package}.conftest"] = hub
+    return load_helper(HERE.parent / "hub" / f"{name}.py", f"{package}.{name}")
