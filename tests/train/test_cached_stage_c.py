@@ -208,3 +208,18 @@ def test_a_cached_run_resumes_from_a_checkpoint_that_still_holds_the_text_encode
                                              "checkpoint_every=3", f"resume={old_style}"))
     train_stage(resumed)
     assert (Path(resumed.run_dir) / "checkpoints" / "step-000000003.ckpt").is_file()
+
+
+def test_a_cache_of_a_pretrained_encoder_is_exported_by_name_without_loading_it(tmp_path, monkeypatch):
+    """The paper's case (CLIP bigG): the export names the encoder the cache recorded; nothing is loaded."""
+    from wurst.models.text_encoder import TextEncoder
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    np.save(cache / EMPTY_TEXT, np.zeros((77, 64), np.float16))
+    record = {"_target_": "wurst.models.text_encoder.TextEncoder", "model_name": "ViT-bigG-14",
+              "pretrained": "laion2b_s39b_b160k", "model_cfg": None, "context_length": 77, "pad_token_id": 49407}
+    (cache / TEXT_ENCODER_CONFIG).write_text(json.dumps(record))
+    monkeypatch.setattr(TextEncoder, "__init__", lambda *a, **k: pytest.fail("a text encoder was built"))
+    module = build_module(compose_train(cached_overrides(cache, tmp_path, UNBUILDABLE)))
+    assert module.export_files()[TEXT_ENCODER_CONFIG] == record and module.export_networks() == {}
