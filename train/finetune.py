@@ -1,4 +1,4 @@
-"""Fine-tuning Stage C from a pipeline directory: full weights or LoRA adapters.
+"""Fine-tuning Stage C (or Stage B) from a pipeline directory: full weights or LoRA adapters.
 
 The base is a pipeline directory (one of ours, or one ``wurst-export import`` made from the release):
 Stage C's network, text encoder and hand-off come from ``<base>/stage_c/export``, the frozen compressor
@@ -9,6 +9,10 @@ A LoRA checkpoint holds the adapters, the optimiser, schedulers and loop state, 
 (which is re-read from the base export on resume, so a resumed run is the uninterrupted one). The
 export holds the merged weights as ``model.safetensors`` (what the cascade and ``wurst-export``
 consume) and the adapter as ``lora/pytorch_lora_weights.safetensors`` in diffusers' layout.
+
+Stage B (``FinetuneStageBModule``, LoRA only in ``conf/experiment/finetune``): network, compressor and
+text encoder from ``<base>/stage_b/export``, Stage A from ``<base>/stage_a/export``; with LoRA the
+compressor is frozen too (in eval mode), so the decoder adapts to the base's semantic latents.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from wurst.models.hub.lora_export import lora_model_card, write_lora_folder
+from wurst.models.hub.lora_export import COMPONENT, lora_model_card, write_lora_folder
 from wurst.models.hub.pipeline_dir import canonical_config
 from wurst.train.export import ALLOWED_TARGETS, read_config, read_provenance, require_export
 from wurst.train.lora import (
@@ -32,10 +36,11 @@ from wurst.train.lora import (
     lora_settings,
     merged_network,
 )
+from wurst.train.stage_b_module import StageBModule
 from wurst.train.stage_c_module import StageCModule
 
 # Parameter groups that never train in a fine-tune and are rebuilt from the base at start-up.
-FROZEN_PREFIXES = ("network.", "text_encoder.", "compressor.")
+FROZEN_PREFIXES = ("network.", "text_encoder.", "compressor.", "stage_a.")
 
 
 def base_export(base: str | Path) -> Path:
@@ -53,34 +58,15 @@ def exported_text_encoder_config(export_dir: Path) -> dict[str, Any]:
     return config
 
 
-class FinetuneStageCModule(StageCModule):
-    """Stage C started from ``base``'s Stage C; ``lora``: a ``conf/lora`` node, or None for full fine-tuning."""
+class LoraFinetune:
+    """What a fine-tune adds to a stage module: the base's configs in the export, and with LoRA the
+    adapters (checkpoints of adapters + optimiser, merged export weights, the diffusers-layout adapter)."""
 
-    def __init__(self, base: str, lora: Mapping[str, Any] | None = None, network: Mapping[str, Any] | None = None,
-                 text_encoder: Mapping[str, Any] | None = None, **stage_c: Any):
-        c_dir = base_export(base)
-        # The base's own constructor configs: the configured ones only name the architecture of a fresh run.
-        network = canonical_config(read_config(c_dir))
-        text_encoder = exported_text_encoder_config(c_dir)
-        stage_c["measure_latent_stats"] = False  # the base's hand-off stays the hand-off
-        lora = dict(lora) if lora else None
-        if lora and stage_c.get("ema") and dict(stage_c["ema"]).get("enabled", True):
-            raise ValueError("a LoRA fine-tune trains no EMA (ema=none, as conf/experiment/finetune/stage_c_lora.yaml "
-                             "sets): the adapters are the fine-tuned weights")
-        super().__init__(network=network, text_encoder=text_encoder, **stage_c)
-        self.base = str(base)
-        self.base_config = network
-        self.text_encoder_config = text_encoder
-        state = load_file(str(c_dir / "model.safetensors"))
-        self.network.load_state_dict(state)
-        if self.ema is not None:
-            self.ema.shadow.load_state_dict(state)
-        if (c_dir / "text_encoder.safetensors").is_file():
-            self.text_encoder.load_state_dict(load_file(str(c_dir / "text_encoder.safetensors")))
-        hand_off = c_dir / "hand_off.json"
-        if hand_off.is_file():
-            values = json.loads(hand_off.read_text())
-            self.hand_off.copy_(torch.tensor([float(values["latent_mean"]), float(values["latent_std"])]))
+    stage: str
+    lora: dict[str, Any] | None
+    network: nn.Module
+
+    def start_adapters(self, lora: dict[str, Any] | None) -> None:
         self.lora = lora
         if lora:
             add_adapters(self.network, lora)
@@ -122,7 +108,7 @@ class FinetuneStageCModule(StageCModule):
         source = (data.get("image_folder") or {}).get("path") or data.get("shards") or "?"
         counts = provenance.get("dataset", {})
         try:
-            base_provenance = read_provenance(Path(self.base) / "stage_c" / "export")
+            base_provenance = read_provenance(Path(self.base) / f"stage_{self.stage}" / "export")
         except (OSError, ValueError):
             base_provenance = {}
         described = base_provenance.get("source") or base_provenance.get("group") or "a wurst pipeline directory"
@@ -130,6 +116,83 @@ class FinetuneStageCModule(StageCModule):
             base=str(base_provenance.get("repo_id") or self.base), base_description=str(described),
             data=f"`{source}` ({counts.get('shards', '?')} shard(s) / folder(s); captions dropped for "
                  f"{self.text_dropout:.0%} of batches)",
-            steps=int(provenance.get("steps", 0)), settings=settings,
+            steps=int(provenance.get("steps", 0)), settings=settings, stage=self.stage,
         )
-        write_lora_folder(export_dir / "lora", adapter_state_dict(self.network), settings, "prior", card)
+        write_lora_folder(export_dir / "lora", adapter_state_dict(self.network), settings, COMPONENT[self.stage], card)
+
+
+class FinetuneStageCModule(LoraFinetune, StageCModule):
+    """Stage C started from ``base``'s Stage C; ``lora``: a ``conf/lora`` node, or None for full fine-tuning."""
+
+    def __init__(self, base: str, lora: Mapping[str, Any] | None = None, network: Mapping[str, Any] | None = None,
+                 text_encoder: Mapping[str, Any] | None = None, **stage_c: Any):
+        c_dir = base_export(base)
+        # The base's own constructor configs: the configured ones only name the architecture of a fresh run.
+        network = canonical_config(read_config(c_dir))
+        text_encoder = exported_text_encoder_config(c_dir)
+        stage_c["measure_latent_stats"] = False  # the base's hand-off stays the hand-off
+        lora = dict(lora) if lora else None
+        if lora and stage_c.get("ema") and dict(stage_c["ema"]).get("enabled", True):
+            raise ValueError("a LoRA fine-tune trains no EMA (ema.enabled=false, as conf/experiment/finetune/stage_c_lora.yaml "
+                             "sets): the adapters are the fine-tuned weights")
+        super().__init__(network=network, text_encoder=text_encoder, **stage_c)
+        self.stage = "c"
+        self.base = str(base)
+        self.base_config = network
+        self.text_encoder_config = text_encoder
+        state = load_file(str(c_dir / "model.safetensors"))
+        self.network.load_state_dict(state)
+        if self.ema is not None:
+            self.ema.shadow.load_state_dict(state)
+        if (c_dir / "text_encoder.safetensors").is_file():
+            self.text_encoder.load_state_dict(load_file(str(c_dir / "text_encoder.safetensors")))
+        hand_off = c_dir / "hand_off.json"
+        if hand_off.is_file():
+            values = json.loads(hand_off.read_text())
+            self.hand_off.copy_(torch.tensor([float(values["latent_mean"]), float(values["latent_std"])]))
+        self.start_adapters(lora)
+
+
+class FinetuneStageBModule(LoraFinetune, StageBModule):
+    """Stage B started from ``base``'s Stage B and compressor; ``lora``: a ``conf/lora`` node, or None."""
+
+    def __init__(self, base: str, lora: Mapping[str, Any] | None = None, network: Mapping[str, Any] | None = None,
+                 compressor: Mapping[str, Any] | None = None, text_encoder: Mapping[str, Any] | None = None,
+                 **stage_b: Any):
+        b_dir = require_export(Path(base) / "stage_b" / "export", "b", names=("model", "compressor", "text_encoder"),
+                               why="finetune.base is the pipeline the fine-tune starts from")
+        network = canonical_config(read_config(b_dir))
+        compressor = canonical_config(read_config(b_dir, "compressor"))
+        if "pretrained" in compressor:  # the export holds the weights: never download an initialisation
+            compressor["pretrained"] = False if isinstance(compressor["pretrained"], bool) else None
+        text_encoder = exported_text_encoder_config(b_dir)
+        lora = dict(lora) if lora else None
+        if lora and stage_b.get("ema") and dict(stage_b["ema"]).get("enabled", True):
+            raise ValueError("a LoRA fine-tune trains no EMA (ema.enabled=false, as conf/experiment/finetune/"
+                             "stage_b_lora.yaml sets): the adapters are the fine-tuned weights")
+        super().__init__(network=network, compressor=compressor, text_encoder=text_encoder, **stage_b)
+        self.stage = "b"
+        self.base = str(base)
+        self.base_config = network
+        self.text_encoder_config = text_encoder
+        state = load_file(str(b_dir / "model.safetensors"))
+        self.network.load_state_dict(state)
+        if self.ema is not None:
+            self.ema.shadow.load_state_dict(state)
+        self.compressor.load_state_dict(load_file(str(b_dir / "compressor.safetensors")))
+        if (b_dir / "text_encoder.safetensors").is_file():
+            self.text_encoder.load_state_dict(load_file(str(b_dir / "text_encoder.safetensors")))
+        if lora:  # frozen; eval now, as Lightning does not call train() at the start of fit
+            self.compressor.requires_grad_(False).eval()
+        self.start_adapters(lora)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.lora:
+            self.compressor.eval()  # frozen with the base's BatchNorm statistics
+        return self
+
+    def trainable_param_groups(self) -> list[dict[str, Any]]:
+        if self.lora:
+            return [{"params": [p for p in self.network.parameters() if p.requires_grad]}]
+        return super().trainable_param_groups()
