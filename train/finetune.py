@@ -105,17 +105,23 @@ class LoraFinetune:
         settings = lora_settings(self.lora)
         config = provenance.get("config", {})
         data = config.get("data", {})
-        source = (data.get("image_folder") or {}).get("path") or data.get("shards") or "?"
+        source = str((data.get("image_folder") or {}).get("path") or data.get("shards") or "?")
         counts = provenance.get("dataset", {})
         try:
             base_provenance = read_provenance(Path(self.base) / f"stage_{self.stage}" / "export")
         except (OSError, ValueError):
             base_provenance = {}
-        described = base_provenance.get("source") or base_provenance.get("group") or "a wurst pipeline directory"
+        imported = base_provenance.get("imported_from") or {}
+        origin = str(imported.get("source") or "")
+        # A Hub repo id is named as the base_model; local paths are not published, only their last part.
+        repo_id = origin if origin.count("/") == 1 and not origin.startswith((".", "/", "~")) else None
+        described = (f"imported from {repo_id or Path(origin).name} ({imported.get('format', 'diffusers folder')})"
+                     if imported else f"a wurst pipeline, group {base_provenance.get('group', '?')}")
         card = lora_model_card(
-            base=str(base_provenance.get("repo_id") or self.base), base_description=str(described),
-            data=f"`{source}` ({counts.get('shards', '?')} shard(s) / folder(s); captions dropped for "
-                 f"{self.text_dropout:.0%} of batches)",
+            base=repo_id or Path(self.base).name, base_description=described, repo_id=repo_id,
+            data=f"`{Path(source).name if '://' not in source else source}` ({counts.get('shards', '?')} shard(s), "
+                 f"samples seen {provenance.get('samples_seen', '?')}; captions dropped for {self.text_dropout:.0%} "
+                 "of batches)",
             steps=int(provenance.get("steps", 0)), settings=settings, stage=self.stage,
         )
         write_lora_folder(export_dir / "lora", adapter_state_dict(self.network), settings, COMPONENT[self.stage], card)

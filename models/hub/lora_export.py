@@ -67,8 +67,9 @@ def read_lora_folder(folder: str | Path, component: str = "prior") -> tuple[dict
 
 
 def lora_model_card(base: str, base_description: str, data: str, steps: int, settings: Mapping[str, Any],
-                    stage: str = "c") -> str:
-    """A short model card: the base model, the data, the adapter settings and how to load it."""
+                    stage: str = "c", repo_id: str | None = None) -> str:
+    """A short model card: the base model, the data, the adapter settings and how to load it.
+    ``repo_id``: the base's Hub repository, when it has one (the card's ``base_model``)."""
     component = COMPONENT[stage]
     load = (
         "```python\nfrom diffusers import WuerstchenCombinedPipeline\n\n"
@@ -80,7 +81,7 @@ def lora_model_card(base: str, base_description: str, data: str, steps: int, set
     )
     return (
         "---\nlibrary_name: diffusers\ntags:\n- wuerstchen\n- lora\n- text-to-image\n"
-        f"base_model: {base}\n---\n\n"
+        + (f"base_model: {repo_id}\n" if repo_id else "") + "---\n\n"
         f"# Würstchen Stage {stage.upper()} LoRA\n\n"
         f"- Base model: `{base}` ({base_description})\n"
         f"- Data: {data}\n"

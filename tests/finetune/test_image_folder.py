@@ -78,4 +78,6 @@ def test_a_lora_fine_tune_trains_on_an_image_folder(base_pipeline, launcher, tmp
     ], tmp_path / "run.log")
     export = out / "finetune" / "stage_c_lora" / "export"
     assert (export / "lora" / "pytorch_lora_weights.safetensors").is_file(), output[-2000:]
-    assert str(folder) in (export / "lora" / "README.md").read_text()  # the card names the data
+    card = (export / "lora" / "README.md").read_text()
+    assert "- Data: `photos`" in card and "- Base model: `tiny`" in card  # the card names the data and the base
+    assert str(tmp_path) not in card  # and publishes no local path
