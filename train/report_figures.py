@@ -46,6 +46,9 @@ def _plot_curves(axes, stage: str, curves: dict[str, list[tuple[int, float]]]) -
         window = max(1, len(values) // 20)
         axes.plot(steps, _smooth(list(values), window), label=column.removeprefix("train/"), linewidth=1)
     axes.set_yscale("log")
+    from matplotlib.ticker import NullFormatter
+
+    axes.yaxis.set_minor_formatter(NullFormatter())  # minor log ticks unlabelled: the labels overlap
     axes.set_xlabel("step", fontsize=7)
     axes.tick_params(labelsize=6)
     axes.legend(fontsize=6)
