@@ -203,7 +203,7 @@ def prompt_fidelity(pipeline_dir: str | Path, hold_out: float | None = None, cou
     result["reader"] = score([read_image(x) for x in truth], combos)
 
     cascade = load_cascade(pipeline_dir, sampler=sampler, progress=False)
-    stage_a = cascade.stage_a
+    stage_a = cascade.stage_a.eval()  # running statistics, as Stage B and the cascade use it (not the batch's)
     reconstructions = torch.cat([stage_a.decode(stage_a.encode(truth[s])).clamp(0, 1)
                                  for s in _batches(len(truth), batch_size)])
     result["stage_a"] = {"psnr_db": round(psnr(reconstructions, truth), 2),
