@@ -18,6 +18,7 @@ compressor is frozen too (in eval mode), so the decoder adapts to the base's sem
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ from wurst.train.lora import (
 )
 from wurst.train.stage_b_module import StageBModule
 from wurst.train.stage_c_module import StageCModule
+
+log = logging.getLogger(__name__)
 
 # Parameter groups that never train in a fine-tune and are rebuilt from the base at start-up.
 FROZEN_PREFIXES = ("network.", "text_encoder.", "compressor.", "stage_a.")
@@ -89,6 +92,10 @@ class LoraFinetune:
             if missing:
                 raise KeyError(f"the checkpoint lacks {len(missing)} adapter tensors of this LoRA config "
                                f"(e.g. {missing[:2]}): was it written with other lora.rank/target_modules?")
+            saved_base = checkpoint.get("lora_base")
+            if saved_base is not None and Path(saved_base).resolve() != Path(self.base).resolve():
+                log.warning("resuming a LoRA checkpoint written on base %s with finetune.base=%s: the adapters "
+                            "continue on this base's weights", saved_base, self.base)
 
     # -- export -----------------------------------------------------------------------------------
     def export_network(self) -> nn.Module:
