@@ -36,7 +36,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from wurst.data.synthetic import COLORS, SHAPES, caption_of, draw_scene, draw_shape, held_out_combinations
+from wurst.data.synthetic import (
+    COLORS,
+    SHAPES,
+    caption_of,
+    draw_scene,
+    draw_shape,
+    held_out_combinations,
+    read_manifest,
+)
 from wurst.data.topology import stream_seed
 
 NAMES = sorted(COLORS)
@@ -175,13 +183,18 @@ def _batches(n: int, size: int):
 
 
 def _synthesize_config(pipeline_dir: Path) -> dict[str, Any]:
-    """The synthetic data settings the pipeline's Stage B trained on (its provenance), if any."""
+    """The synthetic data settings the pipeline's Stage B trained on: the manifest of the shards it read
+    (what was written, even when the config changed since), else its provenance's config; {} if neither."""
     provenance = pipeline_dir / "stage_b" / "export" / "provenance.json"
     try:
-        config = json.loads(provenance.read_text())["config"]
-        return dict(config["data"].get("synthesize") or {})
-    except (OSError, KeyError, ValueError, TypeError, AttributeError):
+        data = json.loads(provenance.read_text())["config"]["data"]
+    except (OSError, KeyError, ValueError, TypeError):
         return {}
+    try:
+        manifest = read_manifest(data["shards"])
+        return {key: manifest[key] for key in ("hold_out", "radius_range") if key in manifest}
+    except (OSError, KeyError, ValueError, TypeError):
+        return dict(data.get("synthesize") or {})
 
 
 @torch.no_grad()
