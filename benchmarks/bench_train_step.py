@@ -55,8 +55,8 @@ from benchmarks.reference_loop import OfficialStyleLoop, diffusers_network
 from benchmarks.step_meters import HostSyncCounter, PeakMemory, StepClock, release_memory, summarise_steps
 from wurst.data.datamodule import per_device_batch_size
 from wurst.train.config import CONFIG_DIR  # also registers the configs' resolvers
-from wurst.train.diffusion_module import instantiate_network, network_config
 from wurst.train.export import load_network, write_network, write_provenance
+from wurst.train.networks import instantiate_network, network_config
 from wurst.train.run_stage import build_module, plain
 
 # paper_v2 phase of each (stage, compressor latent side): REFERENCE.md recipe (Stage C 12×12 then 24×24;

@@ -1,79 +1,25 @@
 """What Stage B and Stage C training share: ε-prediction with the p2-weighted loss, the optimiser
 recipe, linear warm-up, EMA, gradient-norm logging and the export of (EMA) weights.
 
-Each stage module builds its networks in ``__init__`` from plain config dicts (``_target_`` +
-kwargs), so checkpoints hold only tensors and plain containers and load with ``weights_only=True``.
+The pieces Stage A uses too live in modules of their own: seeding (train/seeding.py), global-batch
+statistics (train/global_stats.py), the non-finite guard (train/non_finite.py), networks from configs
+(train/networks.py), EMA (train/ema.py).
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping
 from typing import Any
 
-import hydra.utils
 import lightning as L
 import torch
 from torch import nn
 
 from wurst.models.diffusion import DiffusionSettings
 from wurst.train.ema import EMA
+from wurst.train.non_finite import NonFiniteGuard
 from wurst.train.recipe import build_optimizer, linear_warmup
-
-
-def seed_step(seed: int, step: int, rank: int, micro_batch: int = 0) -> None:
-    """Seeds every RNG from (seed, step, rank) at the start of a step.
-
-    Noise, timesteps, caption dropout and network dropout then depend only on where the run is, so a
-    run resumed from a checkpoint continues exactly as an uninterrupted one would.
-    """
-    mixed = (int(seed) * 1_000_003 + int(step) * 7919 + int(rank) * 104_729 + int(micro_batch) * 31) % (2**63 - 1)
-    random.seed(mixed)
-    torch.manual_seed(mixed)
-
-
-def global_mean_std(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and (unbiased) std of ``x`` over every rank's tensor, identical on every rank.
-
-    One process: ``x.mean(), x.std()``. Under DDP one all-reduce of (sum, sum of squares, count), so a
-    statistic a stage keeps in a buffer (Stage A's latent std, Stage C's measured hand-off) is that of
-    the global batch and the same on every rank, not each rank's own.
-    """
-    x = x.detach().float()
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
-        torch.distributed.get_world_size() == 1
-    ):
-        return x.mean(), x.std()
-    local = x.double()
-    stats = torch.stack([local.sum(), local.square().sum(), torch.tensor(float(x.numel()), dtype=torch.float64,
-                                                                           device=x.device)])
-    torch.distributed.all_reduce(stats)
-    total, squares, n = stats
-    mean = total / n
-    var = ((squares - n * mean.square()) / (n - 1)).clamp_min(0.0)
-    return mean.float(), var.sqrt().float()
-
-
-def non_finite_message(module: L.LightningModule, count: int) -> str:
-    from wurst.train.checkpointing import find_resume_checkpoint
-
-    run_dir = getattr(module.trainer, "default_root_dir", None)
-    last = find_resume_checkpoint(f"{run_dir}/checkpoints") if run_dir else None
-    return (
-        f"{count} consecutive steps with a non-finite loss or gradients, the last at step {module.global_step}; "
-        f"stopping. Last good checkpoint: {last or 'none yet'}. Lower optim.lr, check the data "
-        f"(data/* skip counts) or resume from that checkpoint with resume=<path>."
-    )
-
-
-def instantiate_network(config: Mapping[str, Any]) -> nn.Module:
-    """Builds a network from a plain ``{_target_: ..., **kwargs}`` dict."""
-    return hydra.utils.instantiate(dict(config), _convert_="all")
-
-
-def network_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The constructor config written to ``config.json`` (everything but Hydra's private keys)."""
-    return {k: v for k, v in dict(config).items() if not (k.startswith("_") and k != "_target_")}
+from wurst.train.seeding import seed_step
 
 
 class DiffusionStageModule(L.LightningModule):
@@ -100,9 +46,7 @@ class DiffusionStageModule(L.LightningModule):
         self.diffusion = DiffusionSettings.from_config(self.diffusion_cfg)
         self.log_every = log_every
         self.ema: EMA | None = None
-        self.max_bad_steps = int(max_bad_steps)
-        self.skipped_steps = 0
-        self.bad_in_a_row = 0
+        self.non_finite = NonFiniteGuard(max_bad_steps)
 
     # -- setup -------------------------------------------------------------------------------------
     def init_ema(self) -> None:
@@ -136,18 +80,10 @@ class DiffusionStageModule(L.LightningModule):
         mse = (eps_pred.float() - noise.float()).pow(2).mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/mse", mse, batch_size=batch_size)
-        self.log_data_stats(batch)
         return loss
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         return self.diffusion_step(batch)
-
-    def log_data_stats(self, batch: Mapping[str, Any]) -> None:
-        stats = batch.get("data_stats") if isinstance(batch, Mapping) else None
-        if isinstance(stats, Mapping) and self.global_step % self.log_every == 0:
-            for key, value in stats.items():
-                if isinstance(value, (int, float)) or (torch.is_tensor(value) and value.numel() == 1):
-                    self.log(f"data/{key}", float(value), batch_size=1, reduce_fx="sum")
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if self.global_step % self.log_every == 0:
@@ -157,17 +93,21 @@ class DiffusionStageModule(L.LightningModule):
                 self.log("train/grad_norm", norm, batch_size=1)
             self.log("train/lr", optimizer.param_groups[0]["lr"], batch_size=1)
 
+    @property
+    def skipped_steps(self) -> int:
+        return self.non_finite.skipped
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["non_finite_steps"] = {"skipped": self.skipped_steps, "in_a_row": self.bad_in_a_row}
+        self.non_finite.save(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        counts = checkpoint.get("non_finite_steps", {})
-        self.skipped_steps = int(counts.get("skipped", 0))
-        self.bad_in_a_row = int(counts.get("in_a_row", 0))
+        self.non_finite.load(checkpoint)
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         accumulate = max(1, int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1))
         seed_step(self.seed, self.global_step, self.global_rank, batch_idx % accumulate)
+        if batch_idx % accumulate == 0:
+            self.non_finite.remember_buffers(self)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         """Runs forward + backward, then steps only when loss and gradients are finite.
@@ -178,21 +118,9 @@ class DiffusionStageModule(L.LightningModule):
         rank takes the same decision.
         """
         loss = optimizer_closure() if optimizer_closure is not None else None
-        # One host sync for the whole check: a non-finite value anywhere makes the sum non-finite.
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        flag = torch.stack(torch._foreach_norm(grads)).sum() if grads else torch.zeros((), device=self.device)
-        if loss is not None:
-            flag = flag + loss.detach().float().sum()
-        finite = bool(torch.isfinite(flag))
-        if not finite:
-            self.skipped_steps += 1
-            self.bad_in_a_row += 1
+        if not self.non_finite.step_is_finite(self, loss, self.parameters()):
             optimizer.zero_grad(set_to_none=True)
-            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
-            if self.bad_in_a_row >= self.max_bad_steps:
-                raise FloatingPointError(non_finite_message(self, self.bad_in_a_row))
             return
-        self.bad_in_a_row = 0
         optimizer.step(closure=lambda: loss)
         # Here rather than in on_train_batch_end: callbacks (the periodic checkpoint) run before the
         # module's on_train_batch_end, and a checkpoint must hold the EMA of the step it records.

@@ -12,7 +12,9 @@ import torch
 def build_optimizer(param_groups: Iterable[dict[str, Any]], cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
     """``cfg``: name (adamw | adamw8bit), lr, betas, weight_decay, eps, fused (auto | true | false)."""
     name = str(cfg.get("name", "adamw")).lower()
-    groups = list(param_groups)
+    # Parameters as lists: a generator (module.parameters()) would be consumed by the device check below,
+    # leaving the optimiser without its first parameter on CPU and without any on a GPU.
+    groups = [{**group, "params": list(group["params"])} for group in param_groups]
     kwargs = {
         "lr": float(cfg["lr"]),
         "betas": tuple(cfg.get("betas", (0.9, 0.999))),

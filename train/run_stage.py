@@ -19,7 +19,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from wurst.data.datamodule import per_device_batch_size
 from wurst.train.checkpointing import AtomicCheckpointIO, PeriodicCheckpoint, find_resume_checkpoint
-from wurst.train.diffusion_module import network_config
 from wurst.train.export import (
     BrokenExportError,
     export_command,
@@ -29,6 +28,7 @@ from wurst.train.export import (
     write_network,
     write_provenance,
 )
+from wurst.train.networks import network_config
 from wurst.train.previews import PreviewError, PreviewGrid
 
 log = logging.getLogger(__name__)

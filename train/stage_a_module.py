@@ -6,6 +6,12 @@ adversarial gradient norms at the decoder's last layer (Esser et al., Taming Tra
 Two optimisers (autoencoder, discriminator), so optimisation is manual; both take their gradients
 from one backward pass per step, in which every parameter gets a gradient (under DDP: one gradient
 all-reduce per step, and no unused parameters before ``disc_start``).
+
+One step unit, as in Stages B and C: a step is one batch, one update of the autoencoder. ``max_steps``,
+``disc_start``, EMA, the seeding and ``log_every`` all count it (Lightning's ``global_step`` counts every
+optimizer step; the discriminator's update is therefore taken on the bare torch optimizer, so that it
+does not count a second time). A step with a non-finite loss or gradients is skipped and counted, and
+``max_bad_steps`` of them in a row stop the run (train/non_finite.py).
 """
 
 from __future__ import annotations
@@ -18,9 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from wurst.models.patch_discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
-from wurst.train.diffusion_module import global_mean_std, instantiate_network, seed_step
 from wurst.train.ema import EMA
+from wurst.train.global_stats import global_mean_std
+from wurst.train.networks import instantiate_network
+from wurst.train.non_finite import NonFiniteGuard
 from wurst.train.recipe import build_optimizer, linear_warmup
+from wurst.train.seeding import seed_step
 from wurst.train.sync_batchnorm import convert_to_sync_batchnorm, revert_sync_batchnorm
 
 
@@ -43,9 +52,13 @@ class StageAModule(L.LightningModule):
         sync_batchnorm: bool = False,
         seed: int = 0,
         log_every: int = 10,
+        max_bad_steps: int = 20,
     ):
         super().__init__()
         self.save_hyperparameters()
+        if int(log_every) < 1:
+            raise ValueError(f"stage.module.log_every={log_every} must be ≥ 1 (steps between codebook statistics)")
+        self.non_finite = NonFiniteGuard(max_bad_steps)
         self.automatic_optimization = False
         if reconstruction not in ("l1", "l2"):
             raise ValueError(f"stage.reconstruction={reconstruction!r}: use 'l1' or 'l2'")
@@ -67,6 +80,13 @@ class StageAModule(L.LightningModule):
         self.replaced_batchnorms: dict[str, torch.nn.Module] = {}
 
     def setup(self, stage: str) -> None:
+        precision = str(self.trainer.precision)
+        if stage == "fit" and "16" in precision and "bf16" not in precision:
+            # The discriminator steps on the bare optimizer (one step unit); fp16's loss scaler would not
+            # unscale its gradients. bf16 needs no scaler.
+            raise ValueError(
+                f"Stage A trains in fp32 or bf16-mixed, not trainer.precision={precision}; use bf16-mixed"
+            )
         # Before Lightning wraps the module in DDP: the latent BatchNorm normalises with the global
         # batch's statistics, identical on every rank (train/sync_batchnorm.py).
         if stage == "fit" and self.hparams.sync_batchnorm and self.trainer.world_size > 1:
@@ -104,15 +124,20 @@ class StageAModule(L.LightningModule):
         return torch.func.functional_call(self.discriminator, weights, (images,))
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
-        seed_step(self.seed, self.trainer.fit_loop.epoch_loop.batch_progress.total.ready, self.global_rank)
+        seed_step(self.seed, self.global_step, self.global_rank)
+        self.non_finite.remember_buffers(self)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.non_finite.save(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.non_finite.load(checkpoint)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         images = batch["images"]
         opt_ae, opt_d = self.optimizers()
         sched_ae, sched_d = self.lr_schedulers()
-        # Lightning's global_step counts every optimizer.step() (generator and discriminator), so
-        # the schedule here runs on the number of training batches instead.
-        step = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready - 1
+        step = self.global_step  # steps done before this one (the autoencoder's updates)
         adversarial = step >= self.hparams.disc_start
 
         latents = self.network.encode(images)
@@ -147,12 +172,20 @@ class StageAModule(L.LightningModule):
         # The autoencoder's gradients come from `loss` only (recon is detached in d_loss), the
         # discriminator's from `d_loss` only (its weights are detached in g_loss): one backward for both.
         self.manual_backward(loss + d_loss)
+        if not self.non_finite.step_is_finite(self, loss + d_loss, self.parameters()):
+            # Skipped as in Stages B and C: no weight, EMA or discriminator update, but the step counts
+            # (an optimizer step without gradients changes nothing), so the schedule goes on.
+            opt_ae.zero_grad(set_to_none=True)
+            opt_d.zero_grad(set_to_none=True)
+            opt_ae.step()
+            sched_ae.step()
+            return
         if self.hparams.grad_clip:
             self.clip_gradients(opt_ae, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
-        opt_ae.step()
+        opt_ae.step()  # the one step Lightning counts (global_step)
         sched_ae.step()
         if adversarial:
-            opt_d.step()
+            opt_d.optimizer.step()  # the bare torch optimizer: not a second global step
             sched_d.step()
 
         if self.ema is not None:
@@ -160,7 +193,7 @@ class StageAModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
         self.log("train/rec_loss", rec_loss, prog_bar=True, batch_size=images.shape[0])
         self.log("train/vq_loss", vq_loss, batch_size=images.shape[0])
-        if step % 10 == 0:
+        if step % self.hparams.log_every == 0:
             perplexity, dead = self.network.codebook_usage(indices)
             self.log("train/codebook_perplexity", perplexity, batch_size=images.shape[0])
             self.log("train/codebook_dead_fraction", dead, batch_size=images.shape[0])

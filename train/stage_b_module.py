@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from wurst.models.samplers import linear_t_grid, sample
-from wurst.train.diffusion_module import DiffusionStageModule, instantiate_network, network_config
+from wurst.train.diffusion_module import DiffusionStageModule
 from wurst.train.export import load_network, require_export
+from wurst.train.networks import instantiate_network, network_config
 from wurst.train.sync_batchnorm import convert_to_sync_batchnorm, revert_sync_batchnorm
 
 

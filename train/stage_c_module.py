@@ -28,13 +28,10 @@ from wurst.data.latent_cache import (
     cache_folder,
     read_empty_text_states,
 )
-from wurst.train.diffusion_module import (
-    DiffusionStageModule,
-    global_mean_std,
-    instantiate_network,
-    network_config,
-)
+from wurst.train.diffusion_module import DiffusionStageModule
 from wurst.train.export import load_network, require_export
+from wurst.train.global_stats import global_mean_std
+from wurst.train.networks import instantiate_network, network_config
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +210,8 @@ class StageCModule(DiffusionStageModule):
         cascade = load_cascade(pipeline_dir, sampler="tiny", stage_c=self.export_network(),
                                text_encoder_c=self.text_encoder if self.text_encoder is not None
                                else self.cached_text_encoder(), progress=False,
-                               hand_off={"latent_mean": self.latent_mean, "latent_std": self.latent_std})
+                               hand_off={"latent_mean": self.latent_mean, "latent_std": self.latent_std},
+                               prior_schedule_s=self.diffusion.s)
         size = 128
         generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
         return cascade(prompts, size, size, generator=generators)

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from benchmarks.reference_loop import OfficialStyleLoop, diffusers_network
 from wurst.train.config import CONFIG_DIR
-from wurst.train.diffusion_module import instantiate_network
+from wurst.train.networks import instantiate_network
 
 OPTIM = {"lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.01, "eps": 1e-8, "warmup_steps": 1, "grad_clip": 1.0}
 CPU = torch.device("cpu")

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wurst.train.diffusion_module import seed_step
 from wurst.train.run_stage import build_module
+from wurst.train.seeding import seed_step
 
 from .conftest import compose, hand_off
 

@@ -110,11 +110,11 @@ def _hook_data(points: FaultPoints) -> None:
     original_image = wurst.data.synthetic.synthetic_image
     drawn = [0]
 
-    def synthetic_image(rng, width, height, noise=0.0):
+    def synthetic_image(*args, **kwargs):
         drawn[0] += 1
         if points.pause.get("point") == "prepare" and drawn[0] == int(points.pause["image"]):
             points.stop_here("prepare", None, image=drawn[0])
-        return original_image(rng, width, height, noise)
+        return original_image(*args, **kwargs)
 
     wurst.data.synthetic.synthetic_image = synthetic_image
 

@@ -176,11 +176,11 @@ def test_a_synthetic_shard_write_cut_short_leaves_no_partial_dataset(tmp_path, m
     drawn = []
     real = wurst.data.synthetic.synthetic_image
 
-    def dies_in_the_third_shard(rng, width, height, noise=0.0):
+    def dies_in_the_third_shard(*args, **kwargs):
         drawn.append(1)
         if len(drawn) > 20:  # 8 per shard: two shards complete, the third half written
             raise KeyboardInterrupt("the run was killed while writing its synthetic shards")
-        return real(rng, width, height, noise)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(wurst.data.synthetic, "synthetic_image", dies_in_the_third_shard)
     with pytest.raises(KeyboardInterrupt):

@@ -260,7 +260,7 @@ def test_a_stage_trained_on_another_noise_schedule_is_refused(copy_pipeline, tmp
     pipeline = copy_pipeline()
     path = pipeline / "stage_b" / "export" / "provenance.json"
     provenance = json.loads(path.read_text())
-    provenance["config"]["diffusion"]["schedule"]["clamp"] = [0.0, 1.0]
+    provenance["config"]["diffusion"]["schedule"]["clamp"] = [1.0e-3, 0.999]  # valid, but not diffusers'
     write_json(path, provenance)
     with pytest.raises(
         ValueError, match="Stage B was trained with diffusion.schedule.*DDPMWuerstchenScheduler"

@@ -24,9 +24,9 @@ def cached_batches(count: int, poisoned: set[int]) -> list[dict]:
     return batches
 
 
-def fit(module, batches, steps):
+def fit(module, batches, steps, clip: float | None = 1.0):
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0)
+                        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=clip)
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     return trainer
 
@@ -50,3 +50,36 @@ def test_consecutive_nan_steps_stop_the_run_naming_the_step(tmp_path):
     with pytest.raises(FloatingPointError, match=r"3 consecutive steps with a non-finite loss.*at step 3.*Last good checkpoint"):
         fit(module, cached_batches(8, poisoned={1, 2, 3, 4}), steps=8)
     assert all(torch.isfinite(p).all() for p in module.network.parameters())
+
+
+def test_stage_a_skips_a_nan_batch_as_the_diffusion_stages_do(tmp_path):
+    """Stage A (manual optimisation, two optimisers) shares the rule: skipped, counted, weights untouched."""
+    cfg = compose_train(["stage=a", "experiment=tiny", f"paths.output_dir={tmp_path}", "max_bad_steps=3",
+                         "stage.module.disc_start=1"])
+    module = build_module(cfg)
+    torch.manual_seed(0)
+    batches = [{"images": torch.rand(2, 3, 128, 128)} for _ in range(4)]
+    batches[2]["images"][0, 0, 0, 0] = float("nan")
+    trainer = fit(module, batches, steps=4, clip=None)  # Stage A clips its own gradients
+    assert module.non_finite.skipped == 1
+    assert trainer.global_step == 4  # one step per batch, the skipped one included
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_stage_a_stops_after_max_bad_steps(tmp_path):
+    cfg = compose_train(["stage=a", "experiment=tiny", f"paths.output_dir={tmp_path}", "max_bad_steps=2"])
+    module = build_module(cfg)
+    batches = [{"images": torch.full((2, 3, 128, 128), float("nan"))} for _ in range(4)]
+    with pytest.raises(FloatingPointError, match="2 consecutive steps with a non-finite loss"):
+        fit(module, batches, steps=4, clip=None)
+
+
+def test_stage_a_optimisers_hold_every_parameter(tmp_path):
+    """Both optimisers get all of their network's parameters (a parameter generator was once consumed by
+    the fused-AdamW device check: Stage A's first convolution never trained)."""
+    module = build_module(compose_train(["stage=a", "experiment=tiny", f"paths.output_dir={tmp_path}"]))
+    (opt_ae, opt_d), _ = module.configure_optimizers()
+    held = {id(p) for group in opt_ae.param_groups for p in group["params"]}
+    assert held == {id(p) for p in module.network.parameters()}
+    assert {id(p) for group in opt_d.param_groups for p in group["params"]} == {
+        id(p) for p in module.discriminator.parameters()}
