@@ -131,3 +131,18 @@ def timestep_embedding(r: torch.Tensor, c_r: int, max_positions: int = 10000) ->
     if c_r % 2 == 1:
         emb = F.pad(emb, (0, 1))
     return emb.to(dtype=r.dtype)
+
+
+# Attributes through which wrappers hold the module they wrap: FSDP (FullyShardedDataParallel), the
+# activation-checkpoint wrapper, and torch.compile's OptimizedModule.
+_WRAPPED_MODULE_ATTRIBUTES = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+
+
+def unwrapped(module: nn.Module) -> nn.Module:
+    """The block inside any wrappers, so that a network dispatches on its blocks' kinds (which inputs a
+    block takes) whether or not FSDP, activation checkpointing or compile wrapped them."""
+    while True:
+        inner = next((getattr(module, name) for name in _WRAPPED_MODULE_ATTRIBUTES if hasattr(module, name)), None)
+        if inner is None:
+            return module
+        module = inner

@@ -29,7 +29,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from wurst.models.common import AttnBlock, GlobalResponseNorm, LayerNorm2d, TimestepBlock, timestep_embedding
+from wurst.models.common import (
+    AttnBlock,
+    GlobalResponseNorm,
+    LayerNorm2d,
+    TimestepBlock,
+    timestep_embedding,
+    unwrapped,
+)
 
 BLOCK_TYPES = {"C": "ResBlockStageB", "T": "TimestepBlock", "A": "AttnBlock"}
 # Lower bound of the predicted noise scale b (the official forward's eps=1e-3).
@@ -216,10 +223,10 @@ class StageB(nn.Module):
         nn.init.zeros_(self.clf[1].weight)  # the network starts by predicting a = 0, b = 1/2
         for level in [*self.down_blocks, *self.up_blocks]:
             for block in level:
-                if isinstance(block, ResBlockStageB):
+                if isinstance(unwrapped(block), ResBlockStageB):
                     with torch.no_grad():
                         block.channelwise[-1].weight.mul_(math.sqrt(1 / total_blocks))
-                elif isinstance(block, TimestepBlock):
+                elif isinstance(unwrapped(block), TimestepBlock):
                     nn.init.zeros_(block.mapper.weight)
 
     # ------------------------------------------------------------------ forward
@@ -260,13 +267,13 @@ class StageB(nn.Module):
         for level, down in enumerate(self.down_blocks):
             effnet_c = None
             for block in down:
-                if isinstance(block, ResBlockStageB):
+                if isinstance(unwrapped(block), ResBlockStageB):
                     if effnet_c is None and self.effnet_mappers[level] is not None:
                         effnet_c = self._effnet_features(level, effnet, x.shape[-2:])
                     x = self._run(block, x, effnet_c)
-                elif isinstance(block, AttnBlock):
+                elif isinstance(unwrapped(block), AttnBlock):
                     x = self._run(block, x, clip)
-                elif isinstance(block, TimestepBlock):
+                elif isinstance(unwrapped(block), TimestepBlock):
                     x = self._run(block, x, r_embed)
                 else:  # the downsampling conv
                     x = self._run(block, x)
@@ -286,16 +293,16 @@ class StageB(nn.Module):
             effnet_c = None
             mapper_index = n_down + i
             for j, block in enumerate(up):
-                if isinstance(block, ResBlockStageB):
+                if isinstance(unwrapped(block), ResBlockStageB):
                     if effnet_c is None and self.effnet_mappers[mapper_index] is not None:
                         effnet_c = self._effnet_features(mapper_index, effnet, x.shape[-2:])
                     skip = level_outputs[i] if j == 0 and i > 0 else None
                     if effnet_c is not None:
                         skip = effnet_c if skip is None else torch.cat([skip, effnet_c], dim=1)
                     x = self._run(block, x, skip)
-                elif isinstance(block, AttnBlock):
+                elif isinstance(unwrapped(block), AttnBlock):
                     x = self._run(block, x, clip)
-                elif isinstance(block, TimestepBlock):
+                elif isinstance(unwrapped(block), TimestepBlock):
                     x = self._run(block, x, r_embed)
                 else:  # the upsampling transposed conv
                     x = self._run(block, x)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from wurst.models.common import AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, timestep_embedding
+from wurst.models.common import AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, timestep_embedding, unwrapped
 
 
 class StageC(nn.Module):
@@ -85,10 +85,10 @@ class StageC(nn.Module):
         nn.init.normal_(self.cond_mapper[-1].weight, std=0.02)
         nn.init.zeros_(self.out[1].weight)
         for block in self.blocks:
-            if isinstance(block, ResBlock):
+            if isinstance(unwrapped(block), ResBlock):
                 with torch.no_grad():
                     block.channelwise[-1].weight.mul_(depth**-0.5)
-            elif isinstance(block, TimestepBlock):
+            elif isinstance(unwrapped(block), TimestepBlock):
                 nn.init.zeros_(block.mapper.weight)
 
     @property
@@ -136,9 +136,9 @@ class StageC(nn.Module):
         text = self.cond_mapper(c)  # [B, L, c]
         time = timestep_embedding(r, self.c_r)  # [B, c_r]
         for block in self.blocks:
-            if isinstance(block, AttnBlock):
+            if isinstance(unwrapped(block), AttnBlock):
                 x = self._run(block, x, text)
-            elif isinstance(block, TimestepBlock):
+            elif isinstance(unwrapped(block), TimestepBlock):
                 x = self._run(block, x, time)
             else:
                 x = self._run(block, x)
