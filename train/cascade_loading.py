@@ -10,22 +10,14 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from wurst.models.cascade import CascadeSampler
-from wurst.models.hub.pipeline_dir import read_provenance, trained_diffusion_settings
+from wurst.models.hub.pipeline_dir import read_provenance, read_text_encoder, trained_diffusion_settings
 from wurst.train.config import CONFIG_DIR
-from wurst.train.export import build_from_config, load_network, require_export
+from wurst.train.export import load_network, require_export
 
 
 def load_text_encoder(export_dir: Path) -> nn.Module:
-    """The text encoder a stage trained with: saved weights (random-init tiny encoders) or its
-    pretrained name/path from ``text_encoder_config.json``."""
-    if (export_dir / "text_encoder.safetensors").is_file():
-        return load_network(export_dir, "text_encoder")
-    config_path = export_dir / "text_encoder_config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(
-            f"{export_dir} has no text_encoder_config.json: re-export the stage with this version of wurst"
-        )
-    return build_from_config(json.loads(config_path.read_text()))
+    """The text encoder a stage trained with (``models/hub/pipeline_dir.py`` ``read_text_encoder``)."""
+    return read_text_encoder(export_dir)
 
 
 def sampler_config(name_or_path: str = "paper") -> dict[str, Any]:

@@ -8,23 +8,22 @@ half-written file under a final name; ``provenance.json`` goes last and marks th
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from wurst.models.hub.pipeline_dir import (
+from wurst.models.hub import pipeline_dir
+from wurst.models.hub.pipeline_dir import (  # noqa: F401 - the readers stages use, from their one owner
     NETWORK_CLASSES,
     BrokenArtifactError,
     MissingStageError,
-    canonical_config,
+    build_from_config,
     check_export,
+    read_config,
+    read_provenance,
 )
 
 # config.json is data: only the classes pipeline_dir names may be built from it (never an arbitrary import path).
@@ -94,43 +93,14 @@ def export_command(export_dir: str | Path, stage: str, group: str | None = None,
     return " ".join([command, *extra])
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
-
-
-def _file_name(name: str, kind: str) -> str:
-    if name == "model":
-        return "model.safetensors" if kind == "weights" else "config.json"
-    return f"{name}.safetensors" if kind == "weights" else f"{name}_config.json"
-
-
 def write_network(export_dir: str | Path, name: str, module: nn.Module, config: Mapping[str, Any]) -> Path:
-    """Writes ``module``'s state dict (contiguous CPU tensors) and its constructor config."""
-    if "_target_" not in config:
-        raise ValueError(f"config for export {name!r} needs a '_target_' naming the network class")
-    export_dir = Path(export_dir)
-    export_dir.mkdir(parents=True, exist_ok=True)
-    weights = export_dir / _file_name(name, "weights")
-    state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
-    tmp = weights.with_name(f".{weights.name}.tmp-{os.getpid()}")
-    save_file(state, str(tmp))
-    os.replace(tmp, weights)
-    _atomic_write_json(export_dir / _file_name(name, "config"), dict(config))
-    return weights
+    """Writes ``module``'s state dict and its constructor config (``models/hub/pipeline_dir.py`` lays them out)."""
+    return pipeline_dir.write_network(export_dir, name, module.state_dict(), config)
 
 
 def write_provenance(export_dir: str | Path, provenance: Mapping[str, Any]) -> Path:
     path = Path(export_dir) / "provenance.json"
-    _atomic_write_json(path, dict(provenance))
+    pipeline_dir.write_json(path, dict(provenance))
     return path
 
 
@@ -164,39 +134,9 @@ def require_export(
         ) from error
 
 
-def read_config(export_dir: str | Path, name: str = "model") -> dict[str, Any]:
-    return json.loads((Path(export_dir) / _file_name(name, "config")).read_text())
-
-
-def build_from_config(config: Mapping[str, Any], device: str | torch.device | None = None) -> nn.Module:
-    """Instantiates an allowed network class from an exported config (no arbitrary imports)."""
-    config = canonical_config(config)
-    target = config.pop("_target_", None)
-    if target not in ALLOWED_TARGETS:
-        raise ValueError(
-            f"refusing to build {target!r} from an exported config: only {sorted(ALLOWED_TARGETS)} are allowed"
-        )
-    cls = NETWORK_CLASSES[target]
-    if device is not None:
-        with torch.device(device):
-            return cls(**config)
-    return cls(**config)
-
-
-def load_network(export_dir: str | Path, name: str = "model", strict: bool = True) -> nn.Module:
-    """Builds the network from ``<name>`` config and loads its safetensors weights (CPU)."""
-    export_dir = Path(export_dir)
-    config = read_config(export_dir, name)
-    if "pretrained" in config:  # the weights come from the export: never download the initialisation
-        config["pretrained"] = False if isinstance(config["pretrained"], bool) else None
-    module = build_from_config(config)
-    state = load_file(str(export_dir / _file_name(name, "weights")))
-    module.load_state_dict(state, strict=strict)
-    return module
-
-
-def read_provenance(export_dir: str | Path) -> dict[str, Any]:
-    return json.loads((Path(export_dir) / "provenance.json").read_text())
+def load_network(export_dir: str | Path, name: str = "model") -> nn.Module:
+    """The network ``name`` of an export, built from its config and loaded strictly (CPU, eval mode)."""
+    return pipeline_dir.read_network(export_dir, name)
 
 
 def git_revision() -> str | None:

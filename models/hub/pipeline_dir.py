@@ -313,15 +313,27 @@ def network_class(config: Mapping[str, Any], source: str) -> type[nn.Module]:
     return NETWORK_CLASSES[target]
 
 
+def build_from_config(config: Mapping[str, Any], device: str | torch.device | None = None,
+                      source: str = "an exported config") -> nn.Module:
+    """A network of an allowed class from its exported config, with fresh weights (``device="meta"``: none)."""
+    config = canonical_config(config)
+    cls = network_class(config, source)
+    kwargs = {k: v for k, v in config.items() if k != "_target_"}
+    if device is None:
+        return cls(**kwargs)
+    with torch.device(device):
+        return cls(**kwargs)
+
+
 def build_network(
     config: Mapping[str, Any], state: Mapping[str, torch.Tensor] | None, source: str
 ) -> nn.Module:
     """Build the allowed class of ``config`` and load ``state`` (strictly: every key, every shape)."""
     config = canonical_config(config)
+    if state is None:
+        return build_from_config(config, source=source)
     cls = network_class(config, source)
     kwargs = {k: v for k, v in config.items() if k != "_target_"}
-    if state is None:
-        return cls(**kwargs)
     if "pretrained" in kwargs:  # the weights come with the export: never download an initialisation
         kwargs["pretrained"] = False if isinstance(kwargs["pretrained"], bool) else None
     # Stages and text towers are built on the meta device (no wasted random init at paper size); their
@@ -369,10 +381,18 @@ def read_text_encoder(export_dir: str | Path) -> TextEncoder:
 
 
 # ----- writing -----------------------------------------------------------------------------------
+def _atomic_replace(tmp: Path, path: Path) -> None:
+    """Flush ``tmp`` to the disk, then rename it over ``path``: a crash leaves the old file or the new
+    one, never a name pointing at bytes still in the page cache."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_bytes(data)
-    os.replace(tmp, path)
+    _atomic_replace(tmp, path)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -396,13 +416,13 @@ def write_safetensors(
         tensors[key] = tensor
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
-    os.replace(tmp, path)
+    _atomic_replace(tmp, path)
 
 
 def write_network(
     export_dir: str | Path, name: str, state: Mapping[str, torch.Tensor], config: Mapping[str, Any]
 ) -> Path:
-    """``<name>.safetensors`` + its config (``config.json`` for ``model``), as ``train/export.py`` lays them out."""
+    """``<name>.safetensors`` + its config (``config.json`` for ``model``): the one writer of export files."""
     if canonical_target(config.get("_target_")) not in NETWORK_CLASSES:
         raise ValueError(f"config for export {name!r} needs a '_target_' among {sorted(NETWORK_CLASSES)}")
     export_dir = Path(export_dir)
