@@ -95,8 +95,9 @@ def _join_process_group(rank: int, world_size: int) -> bool:
     return True
 
 
-def run_generation(cfg: DictConfig, records: Sequence[Any], images_dir: Path, device: torch.device) -> None:
-    """Build the sampler from ``generation.sampler`` and write this rank's missing images."""
+def run_generation(cfg: DictConfig, records: Sequence[Any], images_dir: Path, device: torch.device) -> str:
+    """Build the sampler from ``generation.sampler``, write this rank's missing images; returns the
+    sampler's settings (for results.md)."""
     node = cfg.generation.sampler
     if node is None:
         raise ValueError(
@@ -123,6 +124,8 @@ def run_generation(cfg: DictConfig, records: Sequence[Any], images_dir: Path, de
         len(summary.written),
         len(summary.skipped),
     )
+    describe = getattr(sampler, "describe", None)
+    return f"{OmegaConf.select(node, 'sampler') or 'custom'} ({describe()})" if describe else type(sampler).__name__
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -137,9 +140,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     check_references(cfg)
     resolve_metric_weights(cfg)
     own_group = _join_process_group(rank, world_size)
+    sampler = None
     try:
         if cfg.pipeline is not None:
-            run_generation(cfg, records, images_dir, device)
+            sampler = run_generation(cfg, records, images_dir, device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
     finally:
@@ -156,9 +160,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "num_images": len(records),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+    if sampler is not None:
+        settings["sampler"] = sampler
     out.mkdir(parents=True, exist_ok=True)
     write_metrics_json(out / "metrics.json", metrics, settings)
-    write_results_table(out / "results.md", cfg.name, metrics, len(records), list(cfg.paper.rows))
+    write_results_table(out / "results.md", cfg.name, metrics, len(records), list(cfg.paper.rows), sampler=sampler)
     if cfg.grid.count > 0:
         write_sample_grid(paths[: cfg.grid.count], out / "samples.png", cfg.grid.columns, cfg.grid.tile)
     log.info("metrics: %s (written to %s)", metrics, out)

@@ -52,9 +52,11 @@ def _cell(value: Any, std: Any = None) -> str:
 
 
 def results_table(
-    name: str, metrics: Mapping[str, Any], images: int, paper_rows: Sequence[Mapping[str, Any]] = ()
+    name: str, metrics: Mapping[str, Any], images: int, paper_rows: Sequence[Mapping[str, Any]] = (),
+    sampler: str | None = None,
 ) -> str:
-    """Markdown: our row (``metrics`` as in metrics.json) above the paper's rows, plus notes."""
+    """Markdown: our row (``metrics`` as in metrics.json) above the paper's rows, plus notes; ``sampler``
+    is how the images were drawn (FID, IS and CLIP score move with steps and guidance)."""
     header = "| model | source | images | " + " | ".join(title for _, title in COLUMNS) + " |"
     lines = [header, "|" + "---|" * (3 + len(COLUMNS))]
     ours = [_cell(metrics.get(key), metrics.get(f"{key}_std")) for key, _ in COLUMNS]
@@ -66,7 +68,7 @@ def results_table(
         cells = [_cell(row.get(key)) for key, _ in COLUMNS]
         source = row.get("source", "paper")
         lines.append(f"| {row['model']} | {source} | {COCO30K_SIZE:,} | " + " | ".join(cells) + " |")
-    notes = []
+    notes = [f"Sampler: {sampler}." if sampler else "Sampler: not recorded (the images were given, not generated here)."]
     if images != COCO30K_SIZE and metrics.get("fid") is not None:
         notes.append(
             f"FID over {images:,} images is not comparable with FID-30K "

@@ -126,6 +126,22 @@ class CascadeSampler:
             )
         self._stage_b_multiple = _stage_b_size_multiple(self.stage_b)
 
+    def describe(self) -> str:
+        """The settings images are drawn with, in one line (wurst-generate prints it, results.md states it)."""
+
+        def grid(t_grid: Any, steps: int | None) -> str:
+            if t_grid == "v2":
+                return "v2 grid (29 steps)"
+            if isinstance(t_grid, str) or t_grid is None:
+                return f"{t_grid or 'linear'} grid, {steps} steps"
+            return f"explicit grid ({len(t_grid) - 1} steps)"
+
+        return (
+            f"{self.sampler}; Stage C {grid(self.prior_t_grid, self.prior_steps)} at w = {self.prior_guidance_scale:g}; "
+            f"Stage B {grid(self.decoder_t_grid, self.decoder_steps)} at w = {self.decoder_guidance_scale:g}; "
+            f"hand-off z = {self.latent_mean:g}·x − {self.latent_std:g}"
+        )
+
     # ----- sizes -------------------------------------------------------------------------------
     def latent_sizes(self, height: int, width: int) -> tuple[tuple[int, int], tuple[int, int]]:
         """Stage C and Stage B latent sides for an image size: ((h_c, w_c), (h_b, w_b)).

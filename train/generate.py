@@ -73,15 +73,7 @@ def check_request(pipeline_dir: str | Path, out_dir: str | Path, height: int, wi
 
 def sampler_summary(name: str, cascade, negative_prompt: str | None) -> str:
     """One line with the settings the images are drawn with (steps, grids, guidance, hand-off)."""
-    def grid(t_grid, steps) -> str:
-        return "v2 grid (29 steps)" if t_grid == "v2" else f"{t_grid} grid, {steps} steps"
-
-    return (
-        f"sampler {name}: {cascade.sampler}; Stage C {grid(cascade.prior_t_grid, cascade.prior_steps)} at "
-        f"w = {cascade.prior_guidance_scale:g}; Stage B {grid(cascade.decoder_t_grid, cascade.decoder_steps)} at "
-        f"w = {cascade.decoder_guidance_scale:g}; hand-off z = {cascade.latent_mean:g}·x − {cascade.latent_std:g}; "
-        f"negative prompt {negative_prompt!r}"
-    )
+    return f"sampler {name}: {cascade.describe()}; negative prompt {negative_prompt!r}"
 
 
 def generate(

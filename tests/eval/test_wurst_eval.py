@@ -71,6 +71,7 @@ def test_scores_an_image_folder_and_writes_the_report(colour_set, metric_overrid
     assert written["settings"]["num_images"] == len(COLOURS)
     table = (out / "results.md").read_text()
     assert "| ours | this run | 6 |" in table and "| Würstchen v2 | paper | 30,000 | 23.60 | 40.90 |" in table
+    assert "Sampler: not recorded (the images were given" in table
     assert (out / "samples.png").is_file()
 
 
@@ -123,9 +124,15 @@ def test_generates_from_a_pipeline_directory_then_scores(tiny_pipeline_dir, metr
     metrics = evaluate(eval_config(overrides))
     assert sorted(p.name for p in (out / "images").glob("*.png")) == [f"{i:06d}.png" for i in range(4)]
     assert {"inception_score", "clip_score", "pickscore"} <= set(metrics)
-    assert json.loads((out / "metrics.json").read_text())["settings"]["config"]["pipeline"] == str(
-        tiny_pipeline_dir
-    )
+    settings = json.loads((out / "metrics.json").read_text())["settings"]
+    assert settings["config"]["pipeline"] == str(tiny_pipeline_dir)
+    # results.md states how the images were drawn (conf/sampler/tiny.yaml: 8 + 6 linear steps at w = 2)
+    assert settings["sampler"].startswith("tiny (ddpm; Stage C linear grid, 8 steps at w = 2;")
+    assert f"- Sampler: {settings['sampler']}." in (out / "results.md").read_text()
+
+
+def test_the_default_sampler_is_the_released_call():
+    assert eval_config([]).generation.sampler.sampler == "paper"  # conf/sampler/paper.yaml
 
 
 @pytest.mark.slow
