@@ -223,3 +223,21 @@ def test_a_cache_of_a_pretrained_encoder_is_exported_by_name_without_loading_it(
     monkeypatch.setattr(TextEncoder, "__init__", lambda *a, **k: pytest.fail("a text encoder was built"))
     module = build_module(compose_train(cached_overrides(cache, tmp_path, UNBUILDABLE)))
     assert module.export_files()[TEXT_ENCODER_CONFIG] == record and module.export_networks() == {}
+
+
+def test_cached_stage_c_trains_under_bf16_mixed_with_fp32_weights_and_exports_the_ema(latent_cache, tmp_path):
+    """The GPU recipe's precision on the CPU (issue 18): the cached batches are fp16 states, the step
+    autocasts to bf16, and the weights, EMA and export stay fp32."""
+    import math
+
+    cfg = compose_train(cached_overrides(latent_cache, tmp_path, "trainer.precision=bf16-mixed", "trainer.max_steps=3",
+                                         "checkpoint_every=3", "ema.start=0", "ema.every=1"))
+    metrics = train_stage(cfg)
+    assert math.isfinite(metrics["train/loss"])
+    run_dir = Path(cfg.run_dir)
+    state = torch.load(run_dir / "checkpoints" / "step-000000003.ckpt", map_location="cpu", weights_only=True)[
+        "state_dict"]
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
+    ema = {k.removeprefix("ema.shadow."): v for k, v in state.items() if k.startswith("ema.shadow.")}
+    export = load_file(str(run_dir / "export" / "model.safetensors"))
+    assert ema and export.keys() == ema.keys() and all(torch.equal(export[k], ema[k]) for k in ema)
