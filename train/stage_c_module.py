@@ -54,6 +54,8 @@ class StageCModule(DiffusionStageModule):
         seed: int = 0,
         log_every: int = 10,
         max_bad_steps: int = 20,
+        preview_sampler: str = "tiny",
+        preview_size: int = 128,
     ):
         super().__init__(
             optim=optim, ema=ema, diffusion=diffusion, log_every=log_every, seed=seed, max_bad_steps=max_bad_steps
@@ -81,6 +83,7 @@ class StageCModule(DiffusionStageModule):
         # compressor). With measure_latent_stats, a freshly trained compressor's own statistics are
         # used instead (set from the first batch, then fixed), so Stage C models unit-variance x.
         self.measure_latent_stats = bool(measure_latent_stats)
+        self.preview_sampler, self.preview_size = str(preview_sampler), int(preview_size)
         self.register_buffer("hand_off", torch.tensor([float(latent_mean), float(latent_std)]))
         self.register_buffer("hand_off_measured", torch.zeros((), dtype=torch.bool))
         self.compressor_export = compressor_export
@@ -207,11 +210,11 @@ class StageCModule(DiffusionStageModule):
             return None
         from wurst.train.cascade_loading import load_cascade
 
-        cascade = load_cascade(pipeline_dir, sampler="tiny", stage_c=self.export_network(),
+        cascade = load_cascade(pipeline_dir, sampler=self.preview_sampler, stage_c=self.export_network(),
                                text_encoder_c=self.text_encoder if self.text_encoder is not None
                                else self.cached_text_encoder(), progress=False,
                                hand_off={"latent_mean": self.latent_mean, "latent_std": self.latent_std},
                                prior_schedule_s=self.diffusion.s)
-        size = 128
+        size = self.preview_size
         generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
         return cascade(prompts, size, size, generator=generators)
