@@ -21,6 +21,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+# Variables of a launcher's rendezvous that sbatch would copy from the submitting environment.
+INHERITED_RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+
 # Signals a trainer can catch; `B:` sends it to the batch shell only (we want the srun tasks).
 _SIGNAL_RE = re.compile(r"^(?:R?B?:)?(?:SIG)?(USR1|USR2|TERM|INT|HUP|URG|\d+)$")
 _JOB_NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
@@ -250,6 +253,11 @@ def render_sbatch(job: SlurmJob, command: str | Sequence[str]) -> str:
         "",
         "set -eo pipefail",
         'echo "[$(date -Is)] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST"',
+    ]
+    body += [
+        "# A rendezvous left in the submitting shell (torchrun, an earlier Lightning run) must not reach the",
+        "# tasks: each job takes its own from SLURM (an inherited MASTER_PORT made concurrent jobs collide).",
+        f"unset {' '.join(INHERITED_RENDEZVOUS)}",
     ]
     if job.env:
         body.append("# Environment for every task (NCCL / network knobs).")

@@ -66,6 +66,20 @@ def test_rendered_script_exports_env_and_sruns_the_command_once_per_task():
     assert script.index("export NCCL_SOCKET_IFNAME") < script.index("srun ")
 
 
+def test_a_rendezvous_of_the_submitting_shell_does_not_reach_the_tasks(tmp_path):
+    """sbatch copies the submitter's environment; a MASTER_PORT left there by torchrun or an earlier
+    Lightning run made every 2-node job of a CI run bind the same port (EADDRINUSE). The job's tasks must
+    take theirs from SLURM, unless the job's own env sets one."""
+    script = render_sbatch(gpu_job(setup=["env > " + str(tmp_path / "env.txt")]), ["true"])
+    shell = script.split("srun ", 1)[0]  # everything the batch shell runs before the tasks start
+    env = {"PATH": "/usr/bin:/bin", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "19321", "RANK": "3", "WORLD_SIZE": "8"}
+    assert subprocess.run(["bash", "-c", shell], env=env, check=False).returncode == 0
+    seen = dict(line.split("=", 1) for line in (tmp_path / "env.txt").read_text().splitlines() if "=" in line)
+    assert not {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"} & set(seen)
+    pinned = render_sbatch(gpu_job(env={"MASTER_PORT": "29500"}), ["true"])
+    assert pinned.index("unset MASTER_ADDR") < pinned.index("export MASTER_PORT=29500")
+
+
 def test_rendered_script_is_valid_bash():
     script = render_sbatch(gpu_job(setup=["source .venv/bin/activate"]), ["wurst-train", "a=$HOME"])
     assert subprocess.run(["bash", "-n"], input=script, text=True, check=False).returncode == 0
