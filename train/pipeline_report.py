@@ -1,4 +1,4 @@
-"""The end of a pipeline run: a grid of cascade samples for fixed prompts, the color check on the
+"""The end of a pipeline run: a grid of cascade samples for fixed prompts, the prompt check on the
 tiny pipeline, the carbon ledger, and where everything is."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def sample_grid(pipeline_dir: Path, prompts: list[str], sampler: str, size: int,
 
 
 def report_pipeline(cfg: DictConfig, result: dict[str, Any]) -> dict[str, Any]:
-    """Sample grid, color check, carbon ledger, the manifest's report. Every export is already written,
+    """Sample grid, prompt check, carbon ledger, the manifest's report. Every export is already written,
     so a part that fails is logged and skipped, the others still run, and the failures (with any stage
     preview that failed) end the command with an error once the report is written."""
     pipeline_dir = Path(result["pipeline_dir"])
@@ -66,7 +66,7 @@ def report_pipeline(cfg: DictConfig, result: dict[str, Any]) -> dict[str, Any]:
             lines.append(f"  loss curves      {path}")
             summary["loss_curves"] = str(path)
 
-    def color() -> None:  # background, foreground and shape read from the images, per stage
+    def prompt_check() -> None:  # background, foreground and shape read from the images, per stage
         from wurst.train.prompt_fidelity import prompt_fidelity, summary_lines
 
         check = prompt_fidelity(pipeline_dir, count=report.get("prompt_count", 96), size=size, sampler=sampler)
@@ -83,8 +83,8 @@ def report_pipeline(cfg: DictConfig, result: dict[str, Any]) -> dict[str, Any]:
 
     attempt("loss curves", curves)
     attempt("sample grid", grid)
-    if report.get("color_check", False):
-        attempt("color check", color)
+    if report.get("prompt_check", False):
+        attempt("prompt check", prompt_check)
     attempt("carbon ledger", ledger)
     for stage in ("a", "b", "c"):
         stage_dir = pipeline_dir / f"stage_{stage}"

@@ -157,7 +157,7 @@ def test_a_failing_pipeline_report_part_does_not_stop_the_others_and_fails_loudl
 
     pipeline = write_hand_off_exports(tmp_path / "out") / "tiny"
     (pipeline / "pipeline.json").write_text(json.dumps({"pipeline": "tiny"}))
-    cfg = OmegaConf.create({"pipeline": {"name": "tiny", "report": {"sampler": "tiny", "size": 128, "color_check": True}},
+    cfg = OmegaConf.create({"pipeline": {"name": "tiny", "report": {"sampler": "tiny", "size": 128, "prompt_check": True}},
                             "samples_prompts": ["a red circle on a blue background"]})
     with pytest.raises(PreviewError, match=r"4 preview/report part\(s\) failed") as error:
         report_pipeline(cfg, {"pipeline_dir": str(pipeline), "preview_errors": {}})
@@ -165,7 +165,7 @@ def test_a_failing_pipeline_report_part_does_not_stop_the_others_and_fails_loudl
     manifest = json.loads((pipeline / "pipeline.json").read_text())
     assert manifest["pipeline"] == "tiny"
     assert [f.split(":")[0] for f in manifest["report"]["failures"]] == [
-        "sample grid", "color check", "carbon ledger", "accounting"]
+        "sample grid", "prompt check", "carbon ledger", "accounting"]
 
 
 @pytest.mark.slow

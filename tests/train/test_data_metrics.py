@@ -108,7 +108,7 @@ def test_pipeline_json_carries_every_stages_totals(tmp_path):
     argv = [sys.executable, "-m", "wurst.train", "pipeline=tiny", "logger=csv", "callbacks.progress_bar=false",
             f"paths.output_dir={tmp_path / 'out'}", f"paths.data_dir={tmp_path / 'data'}",
             "data.synthesize.num_samples=64", "data.synthesize.num_shards=4", f"data.global_batch_size={BATCH}",
-            "data.num_workers=0", "trainer.max_steps=2", "pipeline.report.color_check=false"]
+            "data.num_workers=0", "trainer.max_steps=2", "pipeline.report.prompt_check=false"]
     result = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
